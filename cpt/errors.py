@@ -1,0 +1,26 @@
+"""One exception type for every problem a user can fix, so the CLI can print it as one line."""
+
+from __future__ import annotations
+
+
+class CptError(Exception):
+    """A problem in user input: printed as ``error: <where>: <message>`` with exit code 2.
+
+    ``where`` is a file and/or a dotted field path (``recipe.yaml: stages.cpt.mixture``).
+    """
+
+    def __init__(self, message: str, where: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.where = where
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
+class CptErrors(CptError):
+    """Several independent problems found at once (validation reports them all)."""
+
+    def __init__(self, errors: list[CptError]):
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = errors
