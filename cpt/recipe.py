@@ -1,0 +1,360 @@
+"""The recipe: a typed, validated description of a continual pre-training run.
+
+A recipe is YAML read with ``yaml.safe_load`` (tags that build Python objects are refused),
+merged with named mixtures from ``data_mixtures/`` and ``--set`` overrides, then validated by
+pydantic. Every problem is reported as ``<file>: <field.path>: <message>`` so the CLI can
+print one actionable line per problem.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from cpt.data.mixture import MixtureConfig
+from cpt.data.sources import DomainConfig, check_domain
+from cpt.data.tokenizer import TokenizerConfig
+from cpt.errors import CptError, CptErrors
+from cpt.schema import Strict
+from cpt.train.engine import DistributedConfig, OptimizerConfig
+from cpt.train.schedules import ScheduleConfig
+
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ModelConfig(Strict):
+    """Where a stage's starting weights come from: an HF directory / hub id, or a fresh config."""
+
+    path: str | None = None
+    config: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelConfig:
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of a path / hub id or {config: {...}}")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("config needs a model_type (e.g. llama, gpt2, qwen2)")
+        return self
+
+
+class BatchConfig(Strict):
+    """Global batch in sequences per optimizer step; accumulation follows from the world size."""
+
+    global_batch_size: int = Field(gt=0)
+    micro_batch_size: int = Field(gt=0)
+
+
+class CheckpointConfig(Strict):
+    every: int | None = Field(default=None, gt=0)
+    keep: int | None = Field(default=2, gt=0)
+
+
+class Stage(Strict):
+    name: str
+    model: ModelConfig | None = None
+    trust_remote_code: bool = False
+    tokenizer: TokenizerConfig | None = None
+    data: dict[str, DomainConfig] = Field(default_factory=dict)
+    mixture: MixtureConfig = Field(default_factory=MixtureConfig)
+    schedule: ScheduleConfig
+    steps: int | None = Field(default=None, gt=0)
+    tokens: int | None = Field(default=None, gt=0)
+    seq_len: int = Field(gt=1)
+    batch: BatchConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    max_nonfinite: int = Field(default=10, ge=0)
+    log_every: int = Field(default=1, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not STAGE_NAME.match(value):
+            raise ValueError("must start with a letter or digit and use only letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("tokenizer", mode="before")
+    @classmethod
+    def _tokenizer_path(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _budget(self) -> Stage:
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of steps or tokens")
+        if self.batch.global_batch_size % self.batch.micro_batch_size:
+            raise ValueError(
+                f"batch.global_batch_size {self.batch.global_batch_size} is not a multiple of "
+                f"batch.micro_batch_size {self.batch.micro_batch_size}"
+            )
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch.global_batch_size * self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the stage; a token budget rounds up to whole steps."""
+        if self.steps is not None:
+            return self.steps
+        return math.ceil(self.tokens / self.tokens_per_step)
+
+
+class Recipe(Strict):
+    name: str
+    output_dir: str | None = None
+    seed: int = 0
+    cache_dir: str | None = None
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    tensorboard: bool = False
+    stages: list[Stage] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not STAGE_NAME.match(value):
+            raise ValueError("must start with a letter or digit and use only letters, digits, '_', '.', '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Recipe:
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.name}"
+        return self
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise CptError(f"no stage named {name!r} (stages: {', '.join(s.name for s in self.stages)})", "stages")
+
+    def domains(self) -> dict[str, DomainConfig]:
+        """Every domain the recipe defines, in order of first definition."""
+        found: dict[str, DomainConfig] = {}
+        for stage in self.stages:
+            found.update(stage.data)
+        return found
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path(os.environ.get("CPT_CACHE_DIR", Path.home() / ".cache" / "cpt"))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: bool = True) -> Recipe:
+    """Read, merge and validate a recipe; raise :class:`CptErrors` listing every problem."""
+    path = Path(path)
+    raw = read_yaml_mapping(path)
+    errors: list[CptError] = []
+    for item in overrides:
+        try:
+            apply_override(raw, item)
+        except CptError as exc:
+            errors.append(CptError(exc.message, f"{path}: --set {item}"))
+    for index, stage in enumerate(raw.get("stages") or []):
+        if isinstance(stage, dict):
+            try:
+                _include_mixture(stage, path)
+            except CptError as exc:
+                errors.append(CptError(exc.message, f"{path}: stages.{_stage_label(stage, index)}.mixture"))
+    if errors:
+        raise CptErrors(errors)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise CptErrors([CptError(msg, f"{path}: {loc}") for loc, msg in _pydantic_problems(exc, raw)]) from None
+    problems = check_recipe(recipe, check_files=check_files)
+    if problems:
+        raise CptErrors([CptError(e.message, f"{path}: {e.where}") for e in problems])
+    return recipe
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CptErrors([CptError(f"cannot read file: {exc.strerror or exc}", str(path))]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}: line {mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CptErrors([CptError(f"invalid YAML: {problem}", where)]) from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else type(data).__name__
+        raise CptErrors([CptError(f"a recipe must be a YAML mapping, got {kind}", str(path))])
+    return data
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.c=VALUE`` in place; VALUE is YAML; ``null`` removes the key (its default returns).
+
+    Inside ``stages`` the path element after ``stages`` is a stage name, not an index.
+    """
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise CptError("expected FIELD.PATH=VALUE")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CptError(f"value is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    parts = key.strip().split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _stage_by_name(node, part)
+            continue
+        if not isinstance(node, dict):
+            raise CptError(f"{'.'.join(parts[:depth])} is not a mapping")
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        raise CptError("a whole stage cannot be replaced; set its fields")
+    if not isinstance(node, dict):
+        raise CptError(f"{'.'.join(parts[:-1])} is not a mapping")
+    if value is None:
+        node.pop(last, None)
+    else:
+        node[last] = value
+
+
+def _stage_by_name(stages: list[Any], name: str) -> dict[str, Any]:
+    for stage in stages:
+        if isinstance(stage, dict) and stage.get("name") == name:
+            return stage
+    names = [s.get("name") for s in stages if isinstance(s, dict)]
+    raise CptError(f"no stage named {name!r} (stages: {', '.join(map(str, names))})")
+
+
+def mixture_search_path(recipe_path: Path) -> list[Path]:
+    here = recipe_path.resolve().parent
+    return [here / "data_mixtures", here.parent / "data_mixtures", Path.cwd() / "data_mixtures"]
+
+
+def _include_mixture(stage: dict[str, Any], recipe_path: Path) -> None:
+    """Replace ``mixture: NAME`` / ``mixture: {include: NAME, ...}`` by the named file's mapping."""
+    mixture = stage.get("mixture")
+    if isinstance(mixture, str):
+        mixture = {"include": mixture}
+    if not isinstance(mixture, dict) or "include" not in mixture:
+        return
+    name = mixture.pop("include")
+    if not isinstance(name, str) or not STAGE_NAME.match(name):
+        raise CptError(f"include must be a mixture name, got {name!r}")
+    candidates = [folder / f"{name}.yaml" for folder in mixture_search_path(recipe_path)]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise CptError(f"no mixture named {name!r} in {', '.join(str(c.parent) for c in candidates)}")
+    included = read_yaml_mapping(found)
+    stage["mixture"] = {**copy.deepcopy(included), **mixture}
+
+
+def _stage_label(stage: Any, index: int) -> str:
+    if isinstance(stage, dict) and isinstance(stage.get("name"), str):
+        return stage["name"]
+    return str(index)
+
+
+def _pydantic_problems(exc: ValidationError, raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """Turn pydantic errors into (field path, message), naming stages by name.
+
+    Union and discriminator tags that pydantic inserts into locations are dropped by walking
+    the raw data alongside the location.
+    """
+    problems: list[tuple[str, str]] = []
+    for err in exc.errors():
+        parts: list[str] = []
+        node: Any = raw
+        for item in err["loc"]:
+            if isinstance(node, list) and isinstance(item, int) and item < len(node):
+                parts.append(_stage_label(node[item], item) if parts == ["stages"] else str(item))
+                node = node[item]
+            elif isinstance(node, dict) and item in node:
+                parts.append(str(item))
+                node = node[item]
+            elif isinstance(node, dict) and item != node.get("type"):
+                parts.append(str(item))
+                node = None
+            # otherwise a discriminator tag that pydantic inserts: skip it
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        entry = (".".join(parts) or "<recipe>", message)
+        if entry not in problems:
+            problems.append(entry)
+    return problems
+
+
+# ----------------------------------------------------------------------------- semantic checks
+
+
+def check_recipe(recipe: Recipe, *, check_files: bool = True) -> list[CptError]:
+    """Problems that need the whole recipe (or the file system) to see."""
+    errors: list[CptError] = []
+    seen: set[str] = set()
+    known: set[str] = set()
+    for index, stage in enumerate(recipe.stages):
+        where = f"stages.{stage.name}"
+        if stage.name in seen:
+            errors.append(CptError(f"duplicate stage name {stage.name!r}", f"stages.{index}.name"))
+        seen.add(stage.name)
+        if index == 0 and stage.model is None:
+            errors.append(CptError("the first stage needs a model (an HF dir, a hub id or {config: ...})", f"{where}.model"))
+        if index == 0 and stage.tokenizer is None and (stage.model is None or stage.model.path is None):
+            errors.append(CptError("a model built from a config needs a tokenizer (a path or {train: ...})", f"{where}.tokenizer"))
+        redefined = sorted(set(stage.data) & known)
+        if redefined:
+            errors.append(CptError(f"domain {redefined[0]!r} is already defined by an earlier stage", f"{where}.data"))
+        known |= set(stage.data)
+        if not known:
+            errors.append(CptError("the stage has no data domains", f"{where}.data"))
+        if check_files:
+            errors.extend(_file_problems(stage, where))
+    return errors
+
+
+def _file_problems(stage: Stage, where: str) -> list[CptError]:
+    errors = []
+    for name, domain in stage.data.items():
+        try:
+            check_domain(domain)
+        except CptError as exc:
+            errors.append(CptError(exc.message, f"{where}.data.{name}.{exc.where or 'source'}"))
+    for field, path in (("model", stage.model and stage.model.path), ("tokenizer", stage.tokenizer and stage.tokenizer.path)):
+        if path is None:
+            continue
+        local = Path(path).expanduser()
+        if local.exists():
+            if not local.is_dir():
+                errors.append(CptError(f"{path} is not a directory", f"{where}.{field}"))
+        elif path.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1":
+            errors.append(CptError(f"{path} does not exist (and the hub is not reachable for it)", f"{where}.{field}"))
+    return errors
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML: what a run writes beside its results."""
+    data = recipe.model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
