@@ -1,0 +1,85 @@
+"""The `cpt` command: one sub-command per user verb, each a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cpt.errors import CptError, CptErrors
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpt", description="Continual pre-training of Hugging Face language models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def recipe_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("recipe", type=Path, help="recipe YAML file")
+        sub.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+            help="override a recipe field, e.g. stages.cpt.steps=50 (VALUE is YAML; null restores the default)",
+        )
+        return sub
+
+    recipe_command("validate", "Check a recipe and print it fully resolved.")
+    plan = recipe_command("plan", "Show steps, tokens, mixture and lr of every stage, without training.")
+    plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    plan.add_argument("--png", type=Path, metavar="PATH", help="also draw lr and mixture over each stage")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CptErrors as exc:
+        for error in exc.errors:
+            print(f"error: {error}", file=sys.stderr)
+    except CptError as exc:
+        where = f"{args.recipe}: " if getattr(args, "recipe", None) and not str(exc).startswith(str(args.recipe)) else ""
+        print(f"error: {where}{exc}", file=sys.stderr)
+    return 2
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from cpt.recipe import dump_recipe, load_recipe
+
+    print(dump_recipe(load_recipe(args.recipe, args.overrides)), end="")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from cpt.plan import plan_recipe, write_plan_png
+    from cpt.recipe import load_recipe
+
+    plans = plan_recipe(load_recipe(args.recipe, args.overrides))
+    if args.png:
+        write_plan_png(plans, args.png)
+    if args.json:
+        print(json.dumps({"stages": [p.to_json() for p in plans]}))
+        return 0
+    for plan in plans:
+        stage = plan.stage
+        print(
+            f"stage {plan.name}: {plan.steps:,} steps x {stage.batch.global_batch_size} sequences x "
+            f"{stage.seq_len} tokens = {plan.tokens:,} tokens; schedule {stage.schedule.type}, "
+            f"lr {plan.lr.max():.3g} peak, {plan.lr[-1]:.3g} last"
+        )
+        print(f"  {'domain':<16}{'weight first->last':>20}{'planned tokens':>16}{'available':>14}{'epochs':>8}")
+        epochs = plan.epochs()
+        for i, (domain, tokens) in enumerate(plan.tokens_per_domain().items()):
+            available = len(plan.blocks[domain]) * stage.seq_len
+            first, last = plan.weights[0, i], plan.weights[-1, i]
+            print(f"  {domain:<16}{first:>10.3f} -> {last:<7.3f}{tokens:>16,}{available:>14,}{epochs[domain]:>8.2f}")
+    if args.png:
+        print(f"wrote {args.png}")
+    return 0
+
+
+COMMANDS = {"validate": cmd_validate, "plan": cmd_plan}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

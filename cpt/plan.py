@@ -1,0 +1,197 @@
+"""Resolve a recipe into what each stage will actually do: tokenizer, packed data, mixture, lr.
+
+`cpt plan` prints this; `cpt run` trains on exactly this. Resolution is stage by stage because
+replay needs the previous stage's planned tokens, and a stage's tokenizer defaults to the one
+its starting model came with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from itertools import zip_longest
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from transformers import PreTrainedTokenizerFast
+
+from cpt.data.mixture import cap_epochs, planned_blocks, weight_matrix
+from cpt.data.pack import load_blocks
+from cpt.data.sources import fingerprint, iter_documents
+from cpt.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from cpt.errors import CptError
+from cpt.recipe import Recipe, Stage
+from cpt.train.schedules import lr_curve, validate_schedule
+
+
+@dataclass
+class StagePlan:
+    stage: Stage
+    steps: int
+    tokenizer: PreTrainedTokenizerFast
+    domains: list[str]
+    weights: np.ndarray  # (steps, len(domains)), rows sum to 1
+    blocks: dict[str, np.ndarray]  # train blocks (n, seq_len) per domain of `domains`
+    lr: np.ndarray  # (steps,)
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.stage.tokens_per_step
+
+    def planned_blocks(self) -> np.ndarray:
+        """Whole blocks per domain: the targets rounded so that they add up to the stage."""
+        return _round_preserving_sum(planned_blocks(self.weights, self.stage.batch.global_batch_size))
+
+    def tokens_per_domain(self) -> dict[str, int]:
+        return {d: int(n) * self.stage.seq_len for d, n in zip(self.domains, self.planned_blocks())}
+
+    def epochs(self) -> dict[str, float]:
+        return {d: float(n) / len(self.blocks[d]) for d, n in zip(self.domains, self.planned_blocks())}
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "tokens_per_domain": self.tokens_per_domain(),
+            "lr": [float(x) for x in self.lr],
+            "weights": {d: [float(x) for x in self.weights[:, i]] for i, d in enumerate(self.domains)},
+        }
+
+
+def plan_recipe(recipe: Recipe) -> list[StagePlan]:
+    plans: list[StagePlan] = []
+    tokenizer: PreTrainedTokenizerFast | None = None
+    for stage in recipe.stages:
+        tokenizer = stage_tokenizer(recipe, stage, tokenizer)
+        plans.append(plan_stage(recipe, stage, tokenizer, plans[-1] if plans else None))
+    return plans
+
+
+def plan_stage(recipe: Recipe, stage: Stage, tokenizer: PreTrainedTokenizerFast, previous: StagePlan | None) -> StagePlan:
+    where = f"stages.{stage.name}"
+    steps = stage.total_steps
+    try:
+        validate_schedule(stage.schedule, steps)
+    except CptError as exc:
+        raise CptError(exc.message, f"{where}.{exc.where or 'schedule'}") from None
+    known = recipe_domains_until(recipe, stage)
+    seq_len = stage.seq_len
+    cache = recipe.resolved_cache_dir() / "blocks"
+
+    def blocks_of(name: str) -> np.ndarray:
+        try:
+            return load_blocks(known[name], "train", tokenizer, seq_len, recipe.seed, cache)
+        except CptError as exc:
+            raise CptError(exc.message, f"{where}.data.{name}") from None
+
+    train_tokens = {name: len(blocks_of(name)) * seq_len for name in stage.data}
+    replay_shares = None
+    if previous is not None:
+        shares = previous.planned_blocks().astype(float)
+        replay_shares = {d: s / shares.sum() for d, s in zip(previous.domains, shares)}
+    try:
+        domains, weights = weight_matrix(
+            stage.mixture, steps, list(stage.data), list(known), train_tokens, replay_shares
+        )
+    except CptError as exc:
+        raise CptError(exc.message, f"{where}.{exc.where or 'mixture'}") from None
+    blocks = {name: blocks_of(name) for name in domains}
+    caps = {name: known[name].max_epochs for name in domains if known[name].max_epochs is not None}
+    if caps:
+        try:
+            weights = cap_epochs(weights, stage.batch.global_batch_size, {d: len(blocks[d]) for d in domains}, caps)
+        except CptError as exc:
+            raise CptError(exc.message, f"{where}.{exc.where or 'mixture'}") from None
+    return StagePlan(stage, steps, tokenizer, domains, weights, blocks, lr_curve(stage.schedule, steps))
+
+
+def recipe_domains_until(recipe: Recipe, stage: Stage) -> dict:
+    """Domains defined by this stage and every earlier one: what its mixture may name."""
+    known: dict = {}
+    for candidate in recipe.stages:
+        known.update(candidate.data)
+        if candidate is stage:
+            return known
+    raise ValueError(f"stage {stage.name} is not part of the recipe")
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def stage_tokenizer(recipe: Recipe, stage: Stage, previous: PreTrainedTokenizerFast | None) -> PreTrainedTokenizerFast:
+    """The stage's own tokenizer, else its starting model's, else the previous stage's."""
+    where = f"stages.{stage.name}.tokenizer"
+    spec = stage.tokenizer
+    try:
+        if spec is not None and spec.path is not None:
+            return load_tokenizer(spec.path)
+        if spec is not None and spec.train is not None:
+            return trained_tokenizer(recipe, spec.train)
+        if stage.model is not None and stage.model.path is not None:
+            return load_tokenizer(stage.model.path)
+    except CptError as exc:
+        raise CptError(exc.message, where) from None
+    if previous is None:
+        raise CptError("no tokenizer: give one, or start from a model directory that has one", where)
+    return previous
+
+
+def trained_tokenizer(recipe: Recipe, spec) -> PreTrainedTokenizerFast:
+    """Train (once, then cached) a BPE on the training text of every domain of the recipe."""
+    domains = recipe.domains()
+    key_src = json.dumps(
+        {"spec": spec.model_dump(mode="json"), "domains": {n: fingerprint(d, recipe.seed) for n, d in domains.items()}},
+        sort_keys=True,
+    )
+    out = recipe.resolved_cache_dir() / "tokenizers" / hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    if (out / "tokenizer.json").is_file():
+        return load_tokenizer(str(out))
+    return train_tokenizer(spec, _round_robin(iter_documents(d, "train", recipe.seed) for d in domains.values()), out)
+
+
+def _round_robin(iterators) -> Iterator[str]:
+    """Interleave domains so a document cap still sees every domain."""
+    for group in zip_longest(*iterators):
+        yield from (doc for doc in group if doc is not None)
+
+
+def _round_preserving_sum(values: np.ndarray) -> np.ndarray:
+    """Largest-remainder rounding: integers within 1 of each value, same total as the values."""
+    floors = np.floor(values).astype(np.int64)
+    missing = int(round(values.sum())) - int(floors.sum())
+    order = np.argsort(-(values - floors), kind="stable")
+    floors[order[:missing]] += 1
+    return floors
+
+
+def write_plan_png(plans: list[StagePlan], path: Path) -> None:
+    """lr and the mixture (stacked weights) over each stage's steps, one column per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(plans), figsize=(5 * len(plans), 6), squeeze=False, sharex="col")
+    for col, plan in enumerate(plans):
+        steps = np.arange(plan.steps)
+        axes[0, col].plot(steps, plan.lr)
+        axes[0, col].set_title(f"stage {plan.name}: learning rate")
+        axes[0, col].set_ylabel("lr")
+        axes[1, col].stackplot(steps, plan.weights.T, labels=plan.domains)
+        axes[1, col].set_ylim(0, 1)
+        axes[1, col].set_ylabel("mixture weight")
+        axes[1, col].set_xlabel("optimizer step")
+        axes[1, col].legend(loc="lower left", fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
