@@ -329,8 +329,28 @@ def check_recipe(recipe: Recipe, *, check_files: bool = True) -> list[CptError]:
         known |= set(stage.data)
         if not known:
             errors.append(CptError("the stage has no data domains", f"{where}.data"))
+        errors.extend(_mixture_problems(stage, index, known, where))
         if check_files:
             errors.extend(_file_problems(stage, where))
+    return errors
+
+
+def _mixture_problems(stage: Stage, index: int, known: set[str], where: str) -> list[CptError]:
+    errors = []
+    mixture = stage.mixture
+    parts = [("mixture", mixture)] + [(f"mixture.phases.{i}", p) for i, p in enumerate(mixture.phases or [])]
+    for field, part in parts:
+        replay = part.replay if part.replay is not None else mixture.replay
+        if replay and index == 0:
+            errors.append(CptError("replay needs an earlier stage to replay", f"{where}.{field}.replay"))
+        allowed = set(stage.data) if replay else known
+        for domain in part.weights or {}:
+            if domain not in allowed:
+                kind = "of this stage (replay is set)" if replay else "defined so far"
+                errors.append(CptError(
+                    f"unknown domain {domain!r}; domains {kind}: {', '.join(sorted(allowed)) or 'none'}",
+                    f"{where}.{field}.weights.{domain}",
+                ))
     return errors
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
@@ -14,6 +15,8 @@ class Strict(BaseModel):
 
 
 def _check_length(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
     if value < 0:
         raise ValueError("must be >= 0")
     if value >= 1 and value != int(value):

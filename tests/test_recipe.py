@@ -1,0 +1,122 @@
+"""Recipe schema, overrides, mixture includes, and the one-line error contract."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cpt.errors import CptErrors
+from cpt.recipe import apply_override, dump_recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path, overrides=()) -> list[str]:
+    with pytest.raises(CptErrors) as info:
+        load_recipe(path, list(overrides))
+    return [str(e) for e in info.value.errors]
+
+
+def test_quickstart_resolves_with_defaults():
+    recipe = load_recipe(QUICKSTART)
+    assert [s.name for s in recipe.stages] == ["pretrain", "cpt"]
+    assert recipe.output_dir == "runs/quickstart"
+    cpt = recipe.stage("cpt")
+    assert cpt.mixture.replay == 0.25  # included from data_mixtures/replay-25.yaml
+    assert cpt.model is None  # continues from the previous stage
+    assert set(recipe.domains()) == {"prose", "code"}
+    assert cpt.total_steps == 200
+
+
+def test_dump_round_trips(tmp_path):
+    recipe = load_recipe(QUICKSTART)
+    again = load_recipe(write(tmp_path, dump_recipe(recipe)))
+    assert again == recipe
+
+
+def test_tokens_budget_rounds_up_to_whole_steps():
+    recipe = load_recipe(QUICKSTART, ["stages.cpt.steps=null", "stages.cpt.tokens=10000"])
+    assert recipe.stage("cpt").total_steps == 3  # 16 x 256 = 4096 tokens per step
+
+
+def test_overrides_scalar_mapping_null_and_new_intermediates():
+    raw = {"stages": [{"name": "a", "schedule": {"type": "cosine", "lr": 1.0}, "steps": 5}]}
+    apply_override(raw, "stages.a.steps=7")
+    apply_override(raw, "stages.a.schedule={type: wsd, lr: 3.0e-4, warmup: 100, decay: 0.2}")
+    apply_override(raw, "stages.a.mixture.phases=[{until: 1.0, weights: {x: 1}}]")
+    apply_override(raw, "seed=3")
+    assert raw["stages"][0]["steps"] == 7
+    assert raw["stages"][0]["schedule"] == {"type": "wsd", "lr": 3.0e-4, "warmup": 100, "decay": 0.2}
+    assert raw["stages"][0]["mixture"] == {"phases": [{"until": 1.0, "weights": {"x": 1}}]}
+    assert raw["seed"] == 3
+    apply_override(raw, "stages.a.steps=null")
+    assert "steps" not in raw["stages"][0]
+
+
+def test_override_of_a_missing_stage_is_reported():
+    errors = problems(QUICKSTART, ["stages.nope.steps=3"])
+    assert len(errors) == 1 and "no stage named 'nope'" in errors[0] and "--set stages.nope.steps=3" in errors[0]
+
+
+@pytest.mark.parametrize(
+    "override, path, text",
+    [
+        ("stages.cpt.bogus=1", "stages.cpt.bogus", "unknown field"),
+        ("stages.cpt.steps=many", "stages.cpt.steps", "integer"),
+        ("stages.cpt.schedule.lr=fast", "stages.cpt.schedule.lr", "number"),
+        ("stages.cpt.schedule.type=linear", "stages.cpt.schedule", "type"),
+        ("stages.cpt.mixture={weights: {code: -1}}", "stages.cpt.mixture", ""),
+        ("stages.cpt.mixture={weights: {code: 0}}", "stages.cpt.mixture", ""),
+        ("stages.cpt.mixture={weights: {python: 1}}", "stages.cpt.mixture.weights.python", "unknown domain 'python'"),
+        ("stages.cpt.data.code.source=/nonexistent/*.jsonl", "stages.cpt.data.code", ""),
+        ("stages.cpt.data.code.heldout=100000", "stages.cpt.data.code.heldout", ""),
+        ("stages.pretrain.mixture.replay=0.1", "stages.pretrain.mixture.replay", "earlier stage"),
+        ("stages.cpt.tokens=100", "stages.cpt", "exactly one of steps or tokens"),
+        ("stages.cpt.tokenizer=/no/such/tokenizer", "stages.cpt.tokenizer", "does not exist"),
+    ],
+)
+def test_bad_fields_name_file_and_path(override, path, text):
+    errors = problems(QUICKSTART, [override])
+    assert errors, override
+    assert any(e.startswith(f"{QUICKSTART}: {path}") and text in e for e in errors), errors
+
+
+def test_stage_names_must_be_unique(tmp_path):
+    raw = yaml.safe_load(QUICKSTART.read_text())
+    raw["stages"][1]["name"] = "pretrain"
+    errors = problems(write(tmp_path, yaml.safe_dump(raw)))
+    assert any("duplicate stage name 'pretrain'" in e for e in errors)
+
+
+def test_mixture_include_from_recipe_neighbourhood(tmp_path):
+    (tmp_path / "data_mixtures").mkdir()
+    (tmp_path / "data_mixtures" / "half.yaml").write_text("replay: 0.5\n")
+    raw = yaml.safe_load(QUICKSTART.read_text())
+    raw["stages"][1]["mixture"] = {"include": "half", "phases": [{"until": 1.0}]}
+    recipe = load_recipe(write(tmp_path, yaml.safe_dump(raw)))
+    assert recipe.stage("cpt").mixture.replay == 0.5
+    raw["stages"][1]["mixture"] = "missing-mixture"
+    errors = problems(write(tmp_path, yaml.safe_dump(raw)))
+    assert any("stages.cpt.mixture" in e and "no mixture named 'missing-mixture'" in e for e in errors)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: x\nstages: [\n", "invalid YAML"),
+        ("- just\n- a list\n", "must be a YAML mapping, got list"),
+        ("", "must be a YAML mapping, got empty"),
+        ("name: !!python/object/apply:os.system ['echo pwned']\n", "invalid YAML"),
+    ],
+)
+def test_yaml_level_problems(tmp_path, text, message):
+    path = write(tmp_path, text)
+    errors = problems(path)
+    assert len(errors) == 1 and errors[0].startswith(str(path)) and message in errors[0]
