@@ -104,11 +104,10 @@ def plan_stage(recipe: Recipe, stage: Stage, tokenizer: PreTrainedTokenizerFast,
         raise CptError(exc.message, f"{where}.{exc.where or 'mixture'}") from None
     blocks = {name: blocks_of(name) for name in domains}
     caps = {name: known[name].max_epochs for name in domains if known[name].max_epochs is not None}
-    if caps:
-        try:
-            weights = cap_epochs(weights, stage.batch.global_batch_size, {d: len(blocks[d]) for d in domains}, caps)
-        except CptError as exc:
-            raise CptError(exc.message, f"{where}.{exc.where or 'mixture'}") from None
+    try:
+        weights = cap_epochs(weights, stage.batch.global_batch_size, {d: len(blocks[d]) for d in domains}, caps)
+    except CptError as exc:
+        raise CptError(exc.message, f"{where}.{exc.where or 'mixture'}") from None
     return StagePlan(stage, steps, tokenizer, domains, weights, blocks, lr_curve(stage.schedule, steps))
 
 

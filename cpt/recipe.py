@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from cpt.data.mixture import MixtureConfig
+from cpt.data.mixture import MixtureConfig, weight_matrix
 from cpt.data.sources import DomainConfig, check_domain
 from cpt.data.tokenizer import TokenizerConfig
 from cpt.errors import CptError, CptErrors
@@ -326,32 +326,25 @@ def check_recipe(recipe: Recipe, *, check_files: bool = True) -> list[CptError]:
         redefined = sorted(set(stage.data) & known)
         if redefined:
             errors.append(CptError(f"domain {redefined[0]!r} is already defined by an earlier stage", f"{where}.data"))
+        previous_known = set(known)
         known |= set(stage.data)
-        if not known:
-            errors.append(CptError("the stage has no data domains", f"{where}.data"))
-        errors.extend(_mixture_problems(stage, index, known, where))
+        if not stage.data:
+            errors.append(CptError("the stage defines no data domains of its own", f"{where}.data"))
+        else:
+            errors.extend(_mixture_problems(stage, previous_known, known, where))
         if check_files:
             errors.extend(_file_problems(stage, where))
     return errors
 
 
-def _mixture_problems(stage: Stage, index: int, known: set[str], where: str) -> list[CptError]:
-    errors = []
-    mixture = stage.mixture
-    parts = [("mixture", mixture)] + [(f"mixture.phases.{i}", p) for i, p in enumerate(mixture.phases or [])]
-    for field, part in parts:
-        replay = part.replay if part.replay is not None else mixture.replay
-        if replay and index == 0:
-            errors.append(CptError("replay needs an earlier stage to replay", f"{where}.{field}.replay"))
-        allowed = set(stage.data) if replay else known
-        for domain in part.weights or {}:
-            if domain not in allowed:
-                kind = "of this stage (replay is set)" if replay else "defined so far"
-                errors.append(CptError(
-                    f"unknown domain {domain!r}; domains {kind}: {', '.join(sorted(allowed)) or 'none'}",
-                    f"{where}.{field}.weights.{domain}",
-                ))
-    return errors
+def _mixture_problems(stage: Stage, previous_known: set[str], known: set[str], where: str) -> list[CptError]:
+    """Run the real mixture resolution with placeholder sizes: catches every naming problem."""
+    replay_shares = dict.fromkeys(sorted(previous_known), 1.0) or None
+    try:
+        weight_matrix(stage.mixture, 1, list(stage.data), sorted(known), dict.fromkeys(stage.data, 1), replay_shares)
+    except CptError as exc:
+        return [CptError(exc.message, f"{where}.{exc.where}")]
+    return []
 
 
 def _file_problems(stage: Stage, where: str) -> list[CptError]:
