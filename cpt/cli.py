@@ -27,11 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan = recipe_command("plan", "Show steps, tokens, mixture and lr of every stage, without training.")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     plan.add_argument("--png", type=Path, metavar="PATH", help="also draw lr and mixture over each stage")
+    run = recipe_command("run", "Train every stage of a recipe (resumable; starts its own processes when asked to).")
+    run.add_argument("--output-dir", type=Path, help="run directory (default: the recipe's output_dir)")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an interrupted run from its latest checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `cpt run` hands the same arguments to the processes it launches
     try:
         return COMMANDS[args.command](args)
     except CptErrors as exc:
@@ -78,7 +85,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"validate": cmd_validate, "plan": cmd_plan}
+def cmd_run(args: argparse.Namespace) -> int:
+    from cpt.recipe import load_recipe
+    from cpt.train.run import RunOptions, run
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    opts = RunOptions(args.output_dir or Path(recipe.output_dir), resume=args.resume, overwrite=args.overwrite)
+    return run(recipe, opts, args.argv)
+
+
+COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "run": cmd_run}
 
 
 if __name__ == "__main__":

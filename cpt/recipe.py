@@ -75,7 +75,6 @@ class Stage(Strict):
     batch: BatchConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    max_nonfinite: int = Field(default=10, ge=0)
     log_every: int = Field(default=1, gt=0)
 
     @field_validator("name")

@@ -1,0 +1,194 @@
+"""Tokenize a domain split once and pack it into fixed-length blocks, cached as a memory-mapped array.
+
+Documents are joined into one token stream, each followed by the tokenizer's EOS token, and the
+stream is cut into blocks of ``seq_len`` tokens; the trailing partial block is dropped. A cache
+entry is a directory (``blocks.bin`` + ``meta.json``) that appears by one atomic rename, so a
+killed or concurrent writer never leaves an entry that a reader would use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from itertools import chain
+from typing import TYPE_CHECKING, BinaryIO, Literal
+
+import numpy as np
+
+from cpt.data.sources import DomainConfig, fingerprint, iter_documents
+from cpt.data.tokenizer import tokenizer_fingerprint
+from cpt.errors import CptError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# A batch of text handed to the Rust encoder at once: large enough to keep every core busy,
+# small enough that its encodings (~100 bytes per token) stay a bounded amount of memory.
+_BATCH_CHARS = 1 << 20
+_BATCH_DOCUMENTS = 1024
+_OFF = ("", "off", "false", "f", "no", "n", "0")  # how the tokenizers library reads a disabled TOKENIZERS_PARALLELISM
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """What a cached split holds, readable without touching its tokens."""
+
+    n_blocks: int
+    seq_len: int
+    dtype: str
+    n_documents: int
+    n_tokens: int  # the whole stream, one EOS per document included, before the partial block is dropped
+    source: str
+    split: str
+    domain_fingerprint: str
+    tokenizer_fingerprint: str
+
+
+def cache_path(
+    cfg: DomainConfig, split: Literal["train", "heldout"], tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int, cache_dir: Path
+) -> Path:
+    """The cache entry (a directory) of one packed split: same documents, tokenizer and seq_len, same entry."""
+    key = json.dumps([fingerprint(cfg, seed), tokenizer_fingerprint(tokenizer), seq_len, split, FORMAT_VERSION])
+    return Path(cache_dir) / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
+
+
+def load_blocks(
+    cfg: DomainConfig, split: Literal["train", "heldout"], tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int, cache_dir: Path
+) -> np.memmap:
+    """The split's blocks as a read-only ``(n_blocks, seq_len)`` memmap, tokenized on first use only."""
+    entry, stats = _ensure(cfg, split, tokenizer, seq_len, seed, cache_dir)
+    return np.memmap(entry / "blocks.bin", dtype=stats.dtype, mode="r", shape=(stats.n_blocks, stats.seq_len))
+
+
+def block_stats(
+    cfg: DomainConfig, split: Literal["train", "heldout"], tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int, cache_dir: Path
+) -> BlockStats:
+    """Token and document counts of the split, tokenizing it first if it is not cached yet."""
+    return _ensure(cfg, split, tokenizer, seq_len, seed, cache_dir)[1]
+
+
+def token_dtype(tokenizer: PreTrainedTokenizerFast) -> np.dtype:
+    vocab = max(len(tokenizer), tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=True))
+    return np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
+
+
+def _ensure(
+    cfg: DomainConfig, split: Literal["train", "heldout"], tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int, cache_dir: Path
+) -> tuple[Path, BlockStats]:
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, not {seq_len}")
+    if tokenizer.eos_token_id is None:
+        raise CptError("the tokenizer has no end-of-sequence token to separate documents", where="tokenizer")
+    entry = cache_path(cfg, split, tokenizer, seq_len, seed, cache_dir)
+    stats = _read_entry(entry)
+    if stats is not None:
+        log.info("%s %s: cached blocks at %s", cfg.source, split, entry)
+        return entry, stats
+    log.info("%s %s: tokenizing and packing into %s", cfg.source, split, entry)
+    if os.environ.get("TOKENIZERS_PARALLELISM", "unset").lower() in _OFF:
+        log.warning("TOKENIZERS_PARALLELISM=%s: tokenizing on one core; unset it to use them all", os.environ["TOKENIZERS_PARALLELISM"])
+    expected = BlockStats(
+        n_blocks=0,
+        seq_len=seq_len,
+        dtype=token_dtype(tokenizer).name,
+        n_documents=0,
+        n_tokens=0,
+        source=cfg.source,
+        split=split,
+        domain_fingerprint=fingerprint(cfg, seed),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+    )
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        with open(staging / "blocks.bin", "wb") as out:
+            n_documents, n_tokens, n_blocks = _pack(iter_documents(cfg, split, seed), tokenizer, expected, out)
+        if n_blocks == 0:
+            raise CptError(
+                f"the {split} split of {cfg.source} has {n_tokens} tokens in {n_documents} documents: "
+                f"not one full block of seq_len={seq_len}",
+                where="data",
+            )
+        stats = BlockStats(**(asdict(expected) | {"n_blocks": n_blocks, "n_documents": n_documents, "n_tokens": n_tokens}))
+        (staging / "meta.json").write_text(json.dumps(asdict(stats) | {"format": FORMAT_VERSION}, indent=1))
+        _publish(staging, entry)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return entry, stats
+
+
+def _pack(documents: Iterable[str], tokenizer: PreTrainedTokenizerFast, stats: BlockStats, out: BinaryIO) -> tuple[int, int, int]:
+    """Write whole blocks as they fill; only the unfinished block is carried between batches.
+
+    ``encode_batch_fast`` is ``encode_batch`` without character offsets, which packing never needs.
+    """
+    eos = tokenizer.eos_token_id
+    backend = tokenizer.backend_tokenizer
+    dtype = np.dtype(stats.dtype)
+    carry = np.empty(0, dtype=dtype)
+    n_documents = n_tokens = n_blocks = 0
+    for texts in _batches(documents):
+        ids = [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        for doc_ids in ids:
+            doc_ids.append(eos)
+        fresh = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=sum(map(len, ids)))
+        stream = np.concatenate([carry, fresh])
+        full = len(stream) // stats.seq_len
+        out.write(stream[: full * stats.seq_len].tobytes())
+        carry = stream[full * stats.seq_len :]
+        n_documents += len(texts)
+        n_tokens += len(fresh)
+        n_blocks += full
+    return n_documents, n_tokens, n_blocks
+
+
+def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for text in documents:
+        batch.append(text)
+        chars += len(text)
+        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCUMENTS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _read_entry(entry: Path) -> BlockStats | None:
+    """The entry's stats if it is complete and consistent; anything else is treated as absent."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        if meta.pop("format") != FORMAT_VERSION:
+            return None
+        stats = BlockStats(**meta)
+        size = (entry / "blocks.bin").stat().st_size
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if stats.n_blocks < 1 or size != stats.n_blocks * stats.seq_len * np.dtype(stats.dtype).itemsize:
+        log.warning("ignoring the corrupt cache entry %s", entry)
+        return None
+    return stats
+
+
+def _publish(staging: Path, entry: Path) -> None:
+    """Move a finished entry into place; if another writer got there first with a sound entry, keep theirs."""
+    if entry.exists():
+        if _read_entry(entry) is not None:
+            return
+        shutil.rmtree(entry)
+    try:
+        os.rename(staging, entry)
+    except OSError:
+        if _read_entry(entry) is None:
+            raise

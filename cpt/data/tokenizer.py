@@ -1,0 +1,113 @@
+"""Tokenizers: load a Hugging Face one, or train a byte-level BPE one on the run's own data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import Field, model_validator
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from cpt.errors import CptError
+from cpt.schema import Strict
+
+if TYPE_CHECKING:  # transformers imports torch: seconds that validating a recipe should not pay
+    from transformers import PreTrainedTokenizerFast
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+
+class TrainTokenizerConfig(Strict):
+    """A byte-level BPE tokenizer trained on the training documents of the run."""
+
+    vocab_size: int = Field(ge=300)  # 256 byte symbols, the special tokens and some merges
+    min_frequency: int = Field(default=2, ge=1)
+    max_documents: int | None = Field(default=None, gt=0)
+
+
+class TokenizerConfig(Strict):
+    """Either an existing tokenizer (a directory or hub id) or one to train."""
+
+    path: str | None = None
+    train: TrainTokenizerConfig | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TokenizerConfig:
+        if (self.path is None) == (self.train is None):
+            raise ValueError("give exactly one of path (an existing tokenizer) or train (options to train one)")
+        return self
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
+    """Load a fast tokenizer that can mark document ends, which packing relies on."""
+    from transformers import AutoTokenizer
+
+    local = Path(path).expanduser()
+    if not local.exists() and (local.is_absolute() or path.startswith((".", "~"))):  # clearly a path, not a hub id
+        raise CptError(f"cannot load tokenizer from {path}: no such directory", where="tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers signals a bad or missing tokenizer with many exception types
+        raise CptError(f"cannot load tokenizer from {path}: {e}", where="tokenizer") from e
+    if not getattr(tokenizer, "is_fast", False):
+        raise CptError(f"cannot load tokenizer from {path}: it has no fast (Rust) backend", where="tokenizer")
+    if tokenizer.eos_token_id is None:
+        raise CptError(f"cannot load tokenizer from {path}: it has no end-of-sequence token to separate documents", where="tokenizer")
+    return tokenizer
+
+
+def train_tokenizer(cfg: TrainTokenizerConfig, documents: Iterable[str], out_dir: Path) -> PreTrainedTokenizerFast:
+    """Train a GPT-2 style byte-level BPE tokenizer, streaming the documents, and save it atomically."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(islice(documents, cfg.max_documents), trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=PAD)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        wrapped.save_pretrained(staging)
+        _replace_dir(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return load_tokenizer(str(out_dir))
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put ``new`` at ``target``: readers see the old directory or the new one, never a mix."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.rename(target, old / target.name)
+    os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
+    """A short hash of everything that decides the token ids: the backend definition and special tokens."""
+    definition = {
+        "backend": tokenizer.backend_tokenizer.to_str(),
+        "special": {name: str(value) for name, value in sorted(tokenizer.special_tokens_map.items())},
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,223 @@
+"""Atomic, self-describing training checkpoints in DeepSpeed's own format.
+
+Layout of ``<root>/step-<N>/`` (N the plain optimizer-step number of the run):
+
+- ``latest``, ``global_step<N>/``, ``zero_to_fp32.py``: what ``engine.save_checkpoint`` writes, so
+  DeepSpeed's tools work on it (``python zero_to_fp32.py . out/``).
+- ``rng/rank-<r>.json``: each rank's Python, NumPy and torch generator states.
+- ``hf/``: the model's Hugging Face config and the tokenizer, so the checkpoint exports alone.
+- ``cpt_checkpoint.json``: written last; a directory without it is not a checkpoint.
+
+Every rank writes into ``<root>/.tmp-step-<N>``; rank 0 then writes the marker and renames the
+directory into place. A crash at any moment leaves either the complete new checkpoint or none,
+and never touches the previous ones; leftovers are removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from cpt.errors import CptError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from cpt.train.engine import Trainer
+
+MARKER = "cpt_checkpoint.json"
+FORMAT = 1
+_STEP_DIR = re.compile(r"step-(\d+)")
+_CLIENT_KEY = "cpt_client_state"  # DeepSpeed merges client state into its own dict: keep ours apart
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step}"
+
+
+def _tag(step: int) -> str:
+    return f"global_step{step}"
+
+
+def save(trainer: Trainer, root: Path, step: int, client_state: dict[str, Any], *, tokenizer: PreTrainedTokenizerBase, keep: int | None = None) -> Path:
+    """Save a checkpoint of ``trainer`` after ``step`` (every rank calls this); keep the last ``keep``.
+
+    ``client_state`` is the caller's resumable state (data position, step, ...); it must be
+    picklable and is returned by :func:`load`. Refuses (CptError) when a weight is non-finite.
+    """
+    if keep is not None and keep < 1:
+        raise ValueError("keep must be at least 1")
+    if not trainer.weights_finite():
+        raise CptError(f"not saving step {step}: the model has non-finite weights", where="checkpoint")
+    root = Path(root)
+    final, tmp = step_dir(root, step), root / f".tmp-step-{step}"
+    barrier = torch.distributed.barrier
+    if trainer.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    trainer.engine.save_checkpoint(str(tmp), tag=_tag(step), client_state={_CLIENT_KEY: client_state})
+    (tmp / "rng").mkdir(exist_ok=True)
+    _write_json(tmp / "rng" / f"rank-{trainer.rank}.json", _rng_state())
+    barrier()
+    if trainer.rank == 0:
+        trainer.module.config.save_pretrained(tmp / "hf")
+        tokenizer.save_pretrained(tmp / "hf")
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "tag": _tag(step),
+            "world_size": trainer.world_size,
+            "zero_stage": trainer.zero_stage,
+            "precision": "bf16" if trainer.engine.bfloat16_enabled() else "fp32",
+            "trainer": trainer.state_dict(),
+        }
+        _fsync_tree(tmp)
+        _write_json(tmp / MARKER, meta)
+        replace_dir(tmp, final)
+        prune(root, keep)
+    barrier()
+    return final
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, moving an existing ``dst`` (a step saved again, an export redone) aside first."""
+    if dst.exists():
+        old = dst.with_name(f".old-{dst.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old)
+    else:
+        os.rename(src, dst)
+    _fsync_dir(dst.parent)
+
+
+def read_meta(ckpt_dir: Path) -> dict[str, Any]:
+    """The marker of a complete checkpoint; CptError when ``ckpt_dir`` is not one."""
+    ckpt_dir = Path(ckpt_dir)
+    match = _STEP_DIR.fullmatch(ckpt_dir.name)
+    try:
+        meta = json.loads((ckpt_dir / MARKER).read_text())
+    except (OSError, ValueError) as e:
+        raise CptError(f"{ckpt_dir} is not a complete cpt checkpoint (no readable {MARKER})", where="checkpoint") from e
+    if not match or meta.get("format") != FORMAT or meta.get("step") != int(match.group(1)):
+        raise CptError(f"{ckpt_dir} is not a cpt checkpoint of format {FORMAT} named step-<its step>", where="checkpoint")
+    return meta
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under ``root``, oldest step first."""
+    found = []
+    for d in Path(root).glob("step-*"):
+        try:
+            found.append((read_meta(d)["step"], d))
+        except CptError:
+            continue
+    return [d for _, d in sorted(found)]
+
+
+def latest(root: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None; partial saves are never chosen."""
+    found = checkpoints(root)
+    return found[-1] if found else None
+
+
+def prune(root: Path, keep: int | None) -> None:
+    """Delete all but the last ``keep`` complete checkpoints (all are kept when None) and any leftovers."""
+    root = Path(root)
+    complete = checkpoints(root)
+    doomed = complete[: -keep] if keep is not None else []
+    doomed += [d for d in root.glob(".tmp-step-*")] + [d for d in root.glob(".old-step-*")]
+    doomed += [d for d in root.glob("step-*") if d.is_dir() and d not in complete]
+    for d in doomed:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def load(trainer: Trainer, ckpt_dir: Path) -> dict[str, Any]:
+    """Restore model, optimizer, counters and this rank's generators; return the saved client state.
+
+    The run must have the checkpoint's world size, ZeRO stage and precision: that is what makes
+    the continuation exact. To change them, export the checkpoint and start from the export.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    here = {
+        "world_size": trainer.world_size,
+        "zero_stage": trainer.zero_stage,
+        "precision": "bf16" if trainer.engine.bfloat16_enabled() else "fp32",
+    }
+    differ = [f"{k} {meta[k]} (this run: {v})" for k, v in here.items() if meta[k] != v]
+    if differ:
+        raise CptError(
+            f"{ckpt_dir} was written with " + ", ".join(differ) + "; resume with the same settings, "
+            "or `cpt export` it and start a new stage from the export",
+            where="checkpoint",
+        )
+    path, client = trainer.engine.load_checkpoint(str(ckpt_dir), tag=meta["tag"], load_lr_scheduler_states=False)
+    if path is None:
+        raise CptError(f"DeepSpeed could not load {ckpt_dir / meta['tag']}", where="checkpoint")
+    trainer.load_state_dict(meta["trainer"])
+    _set_rng_state(json.loads((ckpt_dir / "rng" / f"rank-{trainer.rank}.json").read_text()))
+    return client[_CLIENT_KEY]
+
+
+def _rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write ``path`` whole or not at all (temp file, fsync, rename)."""
+    part = path.with_name(path.name + ".part")
+    with open(part, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file of a finished save to disk before the marker declares it complete."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,292 @@
+"""The DeepSpeed engine behind ``cpt run``: one optimizer step per call, under ZeRO 0-3.
+
+DeepSpeed does the optimization (ZeRO partitioning, gradient accumulation, clipping, bf16). This
+module adds what continual pre-training needs on top, which DeepSpeed does not do uniformly across
+its optimizer wrappers: a step whose loss (or gradient norm) is non-finite on any rank is skipped
+on every rank, leaving weights, optimizer moments and the learning-rate position untouched.
+
+The learning rate is set on the optimizer before every update from the number of updates applied
+so far, ``lr_fn(updates)``: step ``t = 0`` is the first update, and a skipped step does not move
+the schedule. Keeping that counter ourselves, instead of handing DeepSpeed an lr scheduler, is
+what makes a skipped step leave no trace whichever of DeepSpeed's optimizer wrappers runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from cpt.errors import CptError
+from cpt.schema import Strict
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+
+class DistributedConfig(Strict):
+    """How the run is spread over processes (the recipe's ``distributed`` block)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    # Processes per node (``deepspeed --num_gpus``); with a hostfile, each listed host runs this many.
+    num_processes: int = Field(default=1, ge=1)
+    offload_optimizer: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+    hostfile: str | None = None
+    master_port: int | None = Field(default=None, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DistributedConfig:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3: the optimizer state is what ZeRO offloads")
+        return self
+
+
+class OptimizerConfig(Strict):
+    """AdamW and the update policy. Weight decay applies to matrices only, not to biases and norms."""
+
+    weight_decay: float = Field(default=0.1, ge=0, allow_inf_nan=False)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0, allow_inf_nan=False)
+    grad_clip: float = Field(default=1.0, ge=0, allow_inf_nan=False)  # max global grad norm; 0 turns clipping off
+    max_nonfinite: int = Field(default=10, ge=0)  # skipped steps tolerated before the run stops
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> OptimizerConfig:
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError("betas must both lie in [0, 1)")
+        return self
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step. ``loss`` is the mean over micro-batches and ranks; ``grad_norm`` is the
+    global norm before clipping (None when the step was skipped)."""
+
+    loss: float
+    grad_norm: float | None
+    lr: float
+    skipped: bool
+
+
+def accelerator_env(env: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """Choose DeepSpeed's CPU accelerator in ``env`` when there is no GPU (DeepSpeed reads it on import)."""
+    if "DS_ACCELERATOR" not in env and not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def import_deepspeed():
+    """Import DeepSpeed with the right accelerator chosen."""
+    accelerator_env(os.environ)
+    import deepspeed
+
+    return deepspeed
+
+
+def init_distributed() -> None:
+    """Join the process group of a launcher (deepspeed, torchrun, accelerate), or make a group of one."""
+    deepspeed = import_deepspeed()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" in os.environ:
+        deepspeed.init_distributed()
+        return
+    # A lone process: an in-memory store needs no port, so concurrent runs cannot collide.
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it unconditionally
+    backend = deepspeed.get_accelerator().communication_backend_name()
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed()
+
+
+def ds_config(dist: DistributedConfig, opt: OptimizerConfig, micro_batch_size: int, grad_accum: int) -> dict[str, Any]:
+    """The DeepSpeed config for a run; the global batch follows from the world size."""
+    zero: dict[str, Any] = {"stage": dist.zero_stage}
+    if dist.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": opt.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dist.precision == "bf16"},
+        # The optimizer is AdamW with a skip switch (below); DeepSpeed's list of known ZeRO
+        # optimizers compares exact types, so it must be told that the subclass is fine.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+class _Skippable:
+    """Optimizer mixin: ``step()`` does nothing while ``skip`` is set.
+
+    DeepSpeed's ZeRO and bf16 wrappers call the inner optimizer's ``step()`` on every rank, after
+    reducing and clipping gradients; a no-op there leaves master weights and moments untouched,
+    and the wrappers then copy the unchanged master weights back and clear the gradients.
+    """
+
+    skip = False
+
+    def step(self, *args, **kwargs):
+        if self.skip:
+            return None
+        return super().step(*args, **kwargs)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def _optimizer(model: torch.nn.Module, opt: OptimizerConfig, offload: bool) -> torch.optim.Optimizer:
+    groups = [g for g in _param_groups(model, opt.weight_decay) if g["params"]]
+    kwargs = {"lr": 0.0, "betas": opt.betas, "eps": opt.eps}  # lr is set before every step
+    if offload:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorized Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return type("SkippableCPUAdam", (_Skippable, DeepSpeedCPUAdam), {})(groups, adamw_mode=True, **kwargs)
+    return type("SkippableAdamW", (_Skippable, torch.optim.AdamW), {})(groups, **kwargs)
+
+
+class Trainer:
+    """A DeepSpeed engine that takes one optimizer step per :meth:`train_step` call.
+
+    Every rank calls every method (they are collective). ``updates`` counts applied steps and
+    ``nonfinite`` skipped ones; both travel with checkpoints through :meth:`state_dict`.
+    """
+
+    def __init__(self, engine: DeepSpeedEngine, optimizer: _Skippable, lr_fn: Callable[[int], float], max_nonfinite: int):
+        self.engine = engine
+        self._optimizer = optimizer
+        self.lr_fn = lr_fn
+        self.max_nonfinite = max_nonfinite
+        self.updates = 0
+        self.nonfinite = 0
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def rank(self) -> int:
+        return self.engine.global_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.engine.world_size
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.engine.zero_optimization_stage())
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def state_dict(self) -> dict[str, int]:
+        return {"updates": self.updates, "nonfinite": self.nonfinite}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.updates = int(state["updates"])
+        self.nonfinite = int(state["nonfinite"])
+
+    def weights_finite(self) -> bool:
+        """Whether every weight is finite, on every rank (collective; ZeRO-3 checks its shards)."""
+        local = all(bool(torch.isfinite(_local_shard(p)).all()) for p in self.module.parameters())
+        flag = torch.tensor(int(local), device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def train_step(self, micro_batches: Sequence[torch.Tensor]) -> StepResult:
+        """Forward and backward each ``(micro, seq_len)`` block of token ids, then update once.
+
+        The model predicts every next token of its input (labels are the inputs; Hugging Face
+        shifts them). Raises :class:`CptError` once more than ``max_nonfinite`` steps had a
+        non-finite loss; the model is then still the last good one.
+        """
+        engine = self.engine
+        if len(micro_batches) != engine.gradient_accumulation_steps():
+            raise ValueError(f"expected {engine.gradient_accumulation_steps()} micro-batches, got {len(micro_batches)}")
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, ids in enumerate(micro_batches):
+            ids = ids.to(self.device)
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            total += loss.detach().double()
+            if i < len(micro_batches) - 1:
+                engine.step()  # a no-op between accumulation boundaries, but DeepSpeed counts micro-steps
+        torch.distributed.all_reduce(total)  # every rank sees the same loss, so every rank takes the same branch
+        mean = total.item() / (len(micro_batches) * self.world_size)
+        lr = float(self.lr_fn(self.updates))
+        # DeepSpeed's ZeRO and bf16 wrappers measure the norm (and skip a non-finite one) themselves;
+        # on the plain fp32 path the gradients are already all-reduced here, so every rank agrees.
+        grad_norm = None if self.zero_stage > 0 or engine.bfloat16_enabled() else _grad_norm(self.module)
+        skip = not (math.isfinite(mean) and (grad_norm is None or math.isfinite(grad_norm)))
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        self._optimizer.skip = skip
+        try:
+            engine.step()
+        finally:
+            self._optimizer.skip = False
+        if skip or not engine.was_step_applied():
+            self.nonfinite += 1
+            if self.nonfinite > self.max_nonfinite:
+                raise CptError(
+                    f"the loss or gradient was non-finite on {self.nonfinite} steps, more than max_nonfinite="
+                    f"{self.max_nonfinite}; the last checkpoint holds the last good weights (try a lower lr)",
+                    where="train",
+                )
+            return StepResult(loss=mean, grad_norm=None, lr=lr, skipped=True)
+        self.updates += 1
+        if grad_norm is None:
+            grad_norm = _as_float(engine.get_global_grad_norm())
+        return StepResult(loss=mean, grad_norm=grad_norm, lr=lr, skipped=False)
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    """Global L2 norm of the (already all-reduced) gradients, before DeepSpeed clips them."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _local_shard(p: torch.nn.Parameter) -> torch.Tensor:
+    """The part of a weight this rank holds: its ZeRO-3 partition, or the whole weight."""
+    return getattr(p, "ds_tensor", p).detach()
+
+
+def _as_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def build_engine(
+    model: torch.nn.Module,
+    dist: DistributedConfig,
+    opt: OptimizerConfig,
+    lr_fn: Callable[[int], float],
+    micro_batch_size: int,
+    grad_accum: int,
+) -> Trainer:
+    """Wrap ``model`` in a DeepSpeed engine (AdamW, the run's ZeRO stage and precision).
+
+    Works alone (a process group of one is made) or under any launcher; every rank must pass a
+    model with the same weights (seed identically before building it).
+    """
+    deepspeed = import_deepspeed()
+    init_distributed()
+    if dist.precision == "bf16" and not deepspeed.get_accelerator().is_bf16_supported():
+        raise CptError("bf16 is not supported by this accelerator; use precision: fp32", where="distributed.precision")
+    optimizer = _optimizer(model, opt, dist.offload_optimizer)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(dist, opt, micro_batch_size, grad_accum))
+    return Trainer(engine, optimizer, lr_fn, opt.max_nonfinite)

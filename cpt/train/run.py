@@ -1,0 +1,251 @@
+"""`cpt run`: train every stage of a recipe in order, resumably.
+
+Run directory::
+
+    <output_dir>/recipe.yaml                 the resolved recipe (the single source of truth)
+    <output_dir>/<stage>/metrics.jsonl       one record per logged step (``step`` is 0-based)
+    <output_dir>/<stage>/checkpoints/step-N  after N completed steps (DeepSpeed format + data state)
+    <output_dir>/<stage>/final/              Hugging Face model directory: the stage is done
+
+A stage starts from its ``model`` or the previous stage's ``final/`` with a fresh optimizer and
+schedule (re-warm); ``--resume`` skips finished stages and continues the unfinished one from its
+latest complete checkpoint with everything restored, so the continuation is exact.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cpt.data.sampler import MixtureSampler
+from cpt.errors import CptError
+from cpt.plan import StagePlan, plan_recipe
+from cpt.recipe import Recipe, dump_recipe
+from cpt.train import checkpoint
+from cpt.train.engine import Trainer, build_engine, init_distributed
+from cpt.train.export import export_hf
+from cpt.train.launch import distributed_context, needs_launch, relaunch_under_deepspeed
+from cpt.train.metrics import MetricsLog
+from cpt.train.model import build_model, resize_for_tokenizer
+from cpt.train.progress import Progress
+from cpt.train.schedules import decay_ends, lr_at
+
+PREPARED_ENV = "CPT_RUN_PREPARED"  # set by the parent for processes it launches: the directory is ready
+
+
+@dataclass
+class RunOptions:
+    output_dir: Path
+    resume: bool = False
+    overwrite: bool = False
+
+
+def prepare_output_dir(recipe: Recipe, opts: RunOptions) -> None:
+    """Claim the run directory: never clobber one without --resume or --overwrite."""
+    out = opts.output_dir
+    text = dump_recipe(recipe)
+    saved = out / "recipe.yaml"
+    if out.exists() and any(out.iterdir()):
+        if opts.resume and saved.is_file():
+            if saved.read_text() != text:
+                raise CptError(
+                    f"the recipe differs from the one this run was started with ({saved}); resume with the same "
+                    "recipe and --set overrides, or start a new run with another --output-dir",
+                    "output_dir",
+                )
+            return
+        if opts.overwrite:
+            shutil.rmtree(out)
+        elif opts.resume:
+            raise CptError(f"{out} is not a cpt run directory (no recipe.yaml); nothing to resume", "output_dir")
+        else:
+            raise CptError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it", "output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, saved)
+
+
+class StopRequest:
+    """SIGTERM / SIGINT ask the run to finish its step, checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, _frame):
+        self.requested = True
+
+    def agreed(self, world_size: int) -> bool:
+        """Whether any rank was asked to stop: every rank must stop at the same step."""
+        if world_size == 1:
+            return self.requested
+        flag = torch.tensor(int(self.requested))
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def run(recipe: Recipe, opts: RunOptions, argv: list[str]) -> int:
+    """Prepare the directory and data once, then train here or in the processes the recipe asks for."""
+    ctx = distributed_context()
+    if not ctx.launched:
+        prepare_output_dir(recipe, opts)
+        plans = plan_recipe(recipe)  # tokenizes once, before any worker starts
+        if needs_launch(recipe.distributed):
+            os.environ[PREPARED_ENV] = "1"
+            return relaunch_under_deepspeed(argv, recipe.distributed)
+        return train(recipe, plans, opts)
+    init_distributed()
+    if os.environ.get(PREPARED_ENV) != "1":  # started by an outside launcher: rank 0 claims the directory
+        problem = [None]
+        if ctx.is_main:
+            try:
+                prepare_output_dir(recipe, opts)
+            except CptError as exc:
+                problem = [exc]
+        torch.distributed.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise problem[0]
+    if not ctx.is_main:
+        torch.distributed.barrier()  # rank 0 fills the data cache first
+    plans = plan_recipe(recipe)
+    if ctx.is_main:
+        torch.distributed.barrier()
+    return train(recipe, plans, opts)
+
+
+def train(recipe: Recipe, plans: list[StagePlan], opts: RunOptions) -> int:
+    """Train every unfinished stage; return the process exit code."""
+    init_distributed()
+    ctx = distributed_context()
+    stop = StopRequest()
+    try:
+        start_model: str | dict | None = None
+        for index, plan in enumerate(plans):
+            stage = plan.stage
+            if stage.model is not None:
+                start_model = stage.model.path or {"config": stage.model.config}
+            final = opts.output_dir / stage.name / "final"
+            if not (final / "config.json").is_file():
+                finished = train_stage(recipe, plan, index, start_model, opts, stop)
+                if not finished:
+                    if ctx.is_main:
+                        print(
+                            f"stopped after a checkpoint; continue with: cpt {' '.join(_resume_argv())}",
+                            file=sys.stderr,
+                        )
+                    return 0
+            start_model = str(final)
+    finally:
+        stop.restore()
+    if ctx.is_main:
+        print(f"done: {opts.output_dir}", file=sys.stderr)
+    return 0
+
+
+def train_stage(recipe: Recipe, plan: StagePlan, index: int, start_model, opts: RunOptions, stop: StopRequest) -> bool:
+    """Train one stage to its end (True) or until a stop request was checkpointed (False)."""
+    stage, steps = plan.stage, plan.steps
+    ctx = distributed_context()
+    stage_dir = opts.output_dir / stage.name
+    ckpt_root = stage_dir / "checkpoints"
+    batch = stage.batch.global_batch_size
+    per_rank = batch // ctx.world_size
+    if batch % ctx.world_size or per_rank % stage.batch.micro_batch_size:
+        raise CptError(
+            f"global_batch_size {batch} must split into {ctx.world_size} processes x whole micro-batches of "
+            f"{stage.batch.micro_batch_size}",
+            f"stages.{stage.name}.batch",
+        )
+    torch.manual_seed(recipe.seed + index)  # identical fresh weights on every rank
+    model = build_model(start_model, trust_remote_code=stage.trust_remote_code)
+    resize_for_tokenizer(model, plan.tokenizer)
+    trainer = build_engine(
+        model,
+        recipe.distributed,
+        stage.optimizer,
+        lambda t: lr_at(stage.schedule, t, steps),
+        stage.batch.micro_batch_size,
+        per_rank // stage.batch.micro_batch_size,
+    )
+    sampler = MixtureSampler(
+        plan.weights, [len(plan.blocks[d]) for d in plan.domains], batch, recipe.seed, stage.name, ctx.rank, ctx.world_size
+    )
+    metrics = MetricsLog(
+        stage_dir / "metrics.jsonl",
+        enabled=ctx.is_main,
+        tensorboard_dir=stage_dir / "tensorboard" if recipe.tensorboard else None,
+    )
+    start = 0
+    latest = checkpoint.latest(ckpt_root) if opts.resume else None
+    if latest is not None:
+        state = checkpoint.load(trainer, latest)
+        sampler.load_state_dict(state["sampler"])
+        start = int(state["step"])
+    metrics.truncate_after(start - 1)
+    torch.distributed.barrier()
+
+    release_steps = set(decay_ends(stage.schedule, steps)) - {steps}
+    every = stage.checkpoint.every
+    progress = Progress(stage.name, steps, start, enabled=ctx.is_main, every=max(1, steps // 20))
+    seq_len = stage.seq_len
+    try:
+        for step in range(start, steps):
+            ids = _gather(plan, sampler.next_step())
+            result = trainer.train_step(list(ids.split(stage.batch.micro_batch_size)), step)
+            done = step + 1
+            if done % stage.log_every == 0 or done == steps or result.skipped:
+                realized = sampler.realized_blocks() * seq_len
+                metrics.write(
+                    {
+                        "step": step,
+                        "tokens": done * stage.tokens_per_step,
+                        "lr": result.lr,
+                        "loss": result.loss,
+                        "grad_norm": result.grad_norm,
+                        "skipped": trainer.nonfinite,
+                        **{f"tokens/{d}": int(n) for d, n in zip(plan.domains, realized)},
+                    }
+                )
+            progress.update(step, stage.tokens_per_step, result.loss, result.lr)
+            stopping = stop.agreed(ctx.world_size) and done < steps
+            if done == steps or stopping or (every and done % every == 0) or done in release_steps:
+                checkpoint.save(
+                    trainer, ckpt_root, done, {"step": done, "sampler": sampler.state_dict()},
+                    tokenizer=plan.tokenizer, keep=stage.checkpoint.keep,
+                )
+            if done in release_steps:
+                export_hf(trainer, plan.tokenizer, stage_dir / "releases" / f"step-{done}")
+            if stopping:
+                return False
+        export_hf(trainer, plan.tokenizer, stage_dir / "final")
+        return True
+    finally:
+        progress.close()
+        metrics.close()
+
+
+def _gather(plan: StagePlan, rows: np.ndarray) -> torch.Tensor:
+    """This rank's (rows, seq_len) token ids, read from the domains' memory-mapped blocks."""
+    out = np.empty((len(rows), plan.stage.seq_len), dtype=np.int64)
+    for domain_index, name in enumerate(plan.domains):
+        mine = rows[:, 0] == domain_index
+        if mine.any():
+            out[mine] = plan.blocks[name][rows[mine, 1]]
+    return torch.from_numpy(out)
+
+
+def _resume_argv() -> list[str]:
+    argv = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+    return argv + ["--resume"]
