@@ -74,7 +74,7 @@ def test_override_of_a_missing_stage_is_reported():
         ("stages.cpt.schedule.type=linear", "stages.cpt.schedule", "type"),
         ("stages.cpt.mixture={weights: {code: -1}}", "stages.cpt.mixture", ""),
         ("stages.cpt.mixture={weights: {code: 0}}", "stages.cpt.mixture", ""),
-        ("stages.cpt.mixture={weights: {python: 1}}", "stages.cpt.mixture.weights.python", "unknown domain 'python'"),
+        ("stages.cpt.mixture={weights: {python: 1}}", "stages.cpt.mixture.weights", "unknown domain 'python'"),
         ("stages.cpt.data.code.source=/nonexistent/*.jsonl", "stages.cpt.data.code", ""),
         ("stages.cpt.data.code.heldout=100000", "stages.cpt.data.code.heldout", ""),
         ("stages.pretrain.mixture.replay=0.1", "stages.pretrain.mixture.replay", "earlier stage"),
