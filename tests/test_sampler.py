@@ -192,3 +192,19 @@ def test_a_step_costs_well_under_a_millisecond():
     start = time.process_time()
     stream(sampler)
     assert (time.process_time() - start) / len(W) < 1e-3
+
+
+def test_offsets_continue_another_schedules_data_order():
+    """A branch that starts where a run stopped draws the run's next blocks, not its first ones."""
+    W = np.tile([0.5, 0.5], (10, 1))
+    main = MixtureSampler(W, [7, 5], 4, seed=1, key="s")
+    first = [main.next_step() for _ in range(4)]
+    later = [main.next_step() for _ in range(6)]
+    replay = MixtureSampler(W, [7, 5], 4, seed=1, key="s")
+    for _ in range(4):
+        replay.next_step()
+    assert replay.state_dict()["counts"] != [0, 0]
+    # same weights from the same position: the branch reproduces the main run's continuation
+    branch = MixtureSampler(W[:6], [7, 5], 4, seed=1, key="s", offsets=replay.state_dict()["counts"])
+    assert all(np.array_equal(a, branch.next_step()) for a in later)
+    assert not np.array_equal(first[0], MixtureSampler(W, [7, 5], 4, seed=1, key="s", offsets=[3, 3]).next_step())

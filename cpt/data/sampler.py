@@ -103,6 +103,7 @@ class MixtureSampler:
         key: str,
         rank: int = 0,
         world_size: int = 1,
+        offsets: Sequence[int] | None = None,
     ):
         W = np.asarray(weights, dtype=np.float64)
         if W.ndim != 2 or W.shape[0] < 1 or W.shape[1] < 1:
@@ -128,6 +129,11 @@ class MixtureSampler:
         self._steps, self._batch = steps, batch_blocks
         self._lo = rank * (batch_blocks // world_size)
         self._hi = self._lo + batch_blocks // world_size
+        # Draws already taken from each domain before this schedule (a branch forked from a run
+        # continues that run's data order instead of repeating it).
+        self._offsets = np.array(offsets if offsets is not None else [0] * n_domains, dtype=np.uint64)
+        if self._offsets.shape != (n_domains,):
+            raise ValueError(f"offsets has {len(self._offsets)} entries for {n_domains} domains")
         self._keys = np.stack([_domain_keys(seed, key, d) for d in range(n_domains)], axis=1)
         self._n = np.array([max(n, 1) for n in blocks], dtype=np.uint64)
         self._a, self._b = np.array([_radices(max(n, 1)) for n in blocks], dtype=np.uint64).T
@@ -179,7 +185,7 @@ class MixtureSampler:
         self._step += 1
         self._load_rows()
         dom = np.array(domains[self._lo : self._hi], dtype=np.int64)
-        drawn = np.array(draws[self._lo : self._hi], dtype=np.uint64)
+        drawn = np.array(draws[self._lo : self._hi], dtype=np.uint64) + self._offsets[dom]
         n = self._n[dom]
         block = _permute(drawn % n, n, self._a[dom], self._b[dom], self._keys[:, dom], drawn // n)
         return np.stack([dom, block.astype(np.int64)], axis=1)

@@ -1,0 +1,157 @@
+"""`cpt run` end to end on a tiny two-stage recipe: layout, chaining, exact resume, stop requests."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cpt.cli import main
+from cpt.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def cpt(*argv, env=None, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "cpt.cli", *map(str, argv)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}, **kwargs,
+    )
+
+
+def weights(run_dir: Path, stage: str) -> dict:
+    return load_file(run_dir / stage / "final" / "model.safetensors")
+
+
+def losses(run_dir: Path, stage: str) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / stage / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run of the tiny recipe that the other tests compare against."""
+    from conftest import TINY_RECIPE
+
+    tmp = tmp_path_factory.mktemp("reference")
+    recipe = tmp / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE.format(out=tmp / "run"))
+    proc = cpt("run", recipe)
+    assert proc.returncode == 0, proc.stderr
+    return recipe, tmp / "run"
+
+
+def test_run_layout_metrics_and_chaining(reference):
+    recipe, run = reference
+    assert (run / "recipe.yaml").is_file()
+    for stage in ("pretrain", "cpt"):
+        records = read_metrics(run / stage / "metrics.jsonl")
+        assert [r["step"] for r in records] == list(range(12))
+        for r in records:
+            assert {"step", "tokens", "lr", "loss"} <= set(r)
+        assert records[-1]["tokens"] == 12 * 8 * 32
+        final = run / stage / "final"
+        model = AutoModelForCausalLM.from_pretrained(final)
+        tokenizer = AutoTokenizer.from_pretrained(final)
+        assert model.config.vocab_size >= len(tokenizer)
+        assert sorted(p.name for p in (run / stage / "checkpoints").iterdir()) == ["step-12", "step-8"]  # keep: 2
+    pre = read_metrics(run / "pretrain" / "metrics.jsonl")
+    assert pre[-1]["loss"] < pre[0]["loss"] - 0.5
+    cpt_records = read_metrics(run / "cpt" / "metrics.jsonl")
+    # replay 0.25: the realized prose tokens stay within one block (32 tokens) of the plan at every step
+    for r in cpt_records:
+        assert abs(r["tokens/prose"] - 0.25 * r["tokens"]) <= 32
+        assert r["tokens/prose"] + r["tokens/code"] == r["tokens"]
+    # the cpt stage starts from the pre-trained weights, not from scratch: its first loss is far below ln(vocab)
+    assert cpt_records[0]["loss"] < 0.9 * torch.log(torch.tensor(512.0)).item()
+    # lr per step is the schedule's
+    plan = json.loads(cpt("plan", recipe, "--json").stdout)
+    assert [r["lr"] for r in cpt_records] == pytest.approx(plan["stages"][1]["lr"], rel=1e-12)
+
+
+def test_existing_run_directory_is_not_clobbered(reference, capsys):
+    recipe, run = reference
+    before = (run / "cpt" / "metrics.jsonl").read_bytes()
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists; pass --resume" in err and len(err.strip().splitlines()) == 1
+    assert (run / "cpt" / "metrics.jsonl").read_bytes() == before
+    # resuming a finished run is a no-op that succeeds
+    assert main(["run", str(recipe), "--resume"]) == 0
+    assert (run / "cpt" / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_with_a_different_recipe_is_refused(reference, capsys):
+    recipe, _ = reference
+    assert main(["run", str(recipe), "--resume", "--set", "stages.cpt.steps=13"]) == 2
+    assert "differs from the one this run was started with" in capsys.readouterr().err
+
+
+def _wait_for(path: Path, predicate, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and predicate(path):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {path}")
+
+
+def test_kill_9_then_resume_is_bitwise_identical(reference, tmp_path):
+    recipe, ref = reference
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "cpt.cli", "run", str(recipe), "--output-dir", str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    # kill in the middle of the second stage, after at least one checkpoint of it
+    metrics = out / "cpt" / "metrics.jsonl"
+    _wait_for(metrics, lambda p: len(p.read_text().splitlines()) >= 6, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "cpt" / "final").exists()
+    done = cpt("run", recipe, "--output-dir", out, "--resume")
+    assert done.returncode == 0, done.stderr
+    for stage in ("pretrain", "cpt"):
+        assert losses(out, stage) == losses(ref, stage)
+        mine, theirs = weights(out, stage), weights(ref, stage)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(reference, tmp_path):
+    recipe, ref = reference
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "cpt.cli", "run", str(recipe), "--output-dir", str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "pretrain" / "metrics.jsonl"
+    _wait_for(metrics, lambda p: len(p.read_text().splitlines()) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 0, err
+    assert "--resume" in err
+    steps = [int(p.name.split("-")[1]) for p in (out / "pretrain" / "checkpoints").glob("step-*")]
+    stopped_at = len(read_metrics(metrics))
+    assert stopped_at < 12 and max(steps) == stopped_at  # saved right after the step it finished
+    done = cpt("run", recipe, "--output-dir", out, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert losses(out, "cpt") == losses(ref, "cpt")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_other_architectures_train_and_export(tmp_path, tiny_recipe, arch):
+    configs = {
+        "gpt2": "{model_type: gpt2, n_embd: 32, n_layer: 2, n_head: 4, n_positions: 64}",
+        "qwen2": "{model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+                 "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64}",
+    }
+    out = tmp_path / arch
+    proc = cpt("run", tiny_recipe, "--output-dir", out, "--set", f"stages.pretrain.model={{config: {configs[arch]}}}",
+               "--set", "stages.pretrain.steps=4", "--set", "stages.cpt.steps=4")
+    assert proc.returncode == 0, proc.stderr
+    model = AutoModelForCausalLM.from_pretrained(out / "cpt" / "final")
+    assert model.config.model_type == arch
