@@ -32,6 +32,25 @@ def build_parser() -> argparse.ArgumentParser:
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted run from its latest checkpoint")
     mode.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+
+    anneal = commands.add_parser(
+        "anneal", help="Fork a decay branch (a release model) from a checkpoint of a run's stage.",
+        description="Fork a decay branch from a checkpoint; the main branch is left untouched.",
+    )
+    anneal.add_argument("stage_dir", type=Path, metavar="RUN_DIR/STAGE", help="the stage directory of a run")
+    anneal.add_argument("--from", dest="from_checkpoint", required=True, metavar="step-N", help="checkpoint to branch from")
+    anneal.add_argument("--steps", type=int, required=True, metavar="K", help="length of the decay branch in steps")
+    anneal.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+        help="change the branch like a stage, e.g. schedule.decay_type=linear or 'mixture={weights: {code: 1}}'",
+    )
+    branch_mode = anneal.add_mutually_exclusive_group()
+    branch_mode.add_argument("--resume", action="store_true", help="continue an interrupted branch")
+    branch_mode.add_argument("--overwrite", action="store_true", help="replace an existing branch directory")
+
+    export = commands.add_parser("export", help="Convert a training checkpoint into a Hugging Face model directory.")
+    export.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR", help="e.g. runs/x/cpt/checkpoints/step-100")
+    export.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="new directory for the HF model")
     return parser
 
 
@@ -94,7 +113,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(recipe, opts, args.argv)
 
 
-COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "run": cmd_run}
+def cmd_anneal(args: argparse.Namespace) -> int:
+    from cpt.train.anneal import anneal
+
+    if args.steps < 1:
+        raise CptError(f"--steps must be >= 1, got {args.steps}", "anneal")
+    return anneal(args.stage_dir, args.from_checkpoint, args.steps, args.overrides, args.argv,
+                  resume=args.resume, overwrite=args.overwrite)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cpt.train.export import export_checkpoint
+
+    if args.out_dir.exists():
+        raise CptError(f"{args.out_dir} already exists; choose a new directory", "export")
+    export_checkpoint(args.checkpoint, args.out_dir)
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "run": cmd_run, "anneal": cmd_anneal, "export": cmd_export}
 
 
 if __name__ == "__main__":

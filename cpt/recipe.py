@@ -159,7 +159,11 @@ class Recipe(Strict):
 def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: bool = True) -> Recipe:
     """Read, merge and validate a recipe; raise :class:`CptErrors` listing every problem."""
     path = Path(path)
-    raw = read_yaml_mapping(path)
+    return recipe_from_mapping(read_yaml_mapping(path), path, overrides, check_files=check_files)
+
+
+def recipe_from_mapping(raw: dict[str, Any], path: Path, overrides: list[str] = (), *, check_files: bool = True) -> Recipe:
+    """Validate an already-read recipe mapping (changed in place by ``overrides``); ``path`` names it in errors."""
     errors: list[CptError] = []
     for item in overrides:
         try:

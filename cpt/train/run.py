@@ -136,9 +136,10 @@ def train(recipe: Recipe, plans: list[StagePlan], opts: RunOptions) -> int:
             stage = plan.stage
             if stage.model is not None:
                 start_model = stage.model.path or {"config": stage.model.config}
-            final = opts.output_dir / stage.name / "final"
+            stage_dir = opts.output_dir / stage.name
+            final = stage_dir / "final"
             if not (final / "config.json").is_file():
-                finished = train_stage(recipe, plan, index, start_model, opts, stop)
+                finished = train_stage(recipe, plan, index, start_model, stage_dir, opts.resume, stop)
                 if not finished:
                     if ctx.is_main:
                         print(
@@ -154,11 +155,27 @@ def train(recipe: Recipe, plans: list[StagePlan], opts: RunOptions) -> int:
     return 0
 
 
-def train_stage(recipe: Recipe, plan: StagePlan, index: int, start_model, opts: RunOptions, stop: StopRequest) -> bool:
+@dataclass(frozen=True)
+class Fork:
+    """Start a stage from another run's checkpoint: its weights, optimizer and data position."""
+
+    checkpoint: Path
+    domains: list[str]  # the checkpointed run's domain order, to map its sampler counts by name
+
+
+def train_stage(
+    recipe: Recipe,
+    plan: StagePlan,
+    index: int,
+    start_model,
+    stage_dir: Path,
+    resume: bool,
+    stop: StopRequest,
+    fork: Fork | None = None,
+) -> bool:
     """Train one stage to its end (True) or until a stop request was checkpointed (False)."""
     stage, steps = plan.stage, plan.steps
     ctx = distributed_context()
-    stage_dir = opts.output_dir / stage.name
     ckpt_root = stage_dir / "checkpoints"
     batch = stage.batch.global_batch_size
     per_rank = batch // ctx.world_size
@@ -179,26 +196,33 @@ def train_stage(recipe: Recipe, plan: StagePlan, index: int, start_model, opts: 
         stage.batch.micro_batch_size,
         per_rank // stage.batch.micro_batch_size,
     )
+    latest = checkpoint.latest(ckpt_root) if resume else None
+    state = {"step": 0, "sampler": None, "offsets": None}
+    if latest is not None:
+        state = checkpoint.load(trainer, latest)
+    elif fork is not None:
+        parent = checkpoint.load(trainer, fork.checkpoint)
+        counts = dict(zip(fork.domains, parent["sampler"]["counts"]))
+        state["offsets"] = [counts.get(d, 0) for d in plan.domains]
+        trainer.load_state_dict({"updates": 0, "nonfinite": 0})
     sampler = MixtureSampler(
-        plan.weights, [len(plan.blocks[d]) for d in plan.domains], batch, recipe.seed, stage.name, ctx.rank, ctx.world_size
+        plan.weights, [len(plan.blocks[d]) for d in plan.domains], batch, recipe.seed, stage.name,
+        ctx.rank, ctx.world_size, offsets=state.get("offsets"),
     )
+    if state["sampler"] is not None:
+        sampler.load_state_dict(state["sampler"])
+    start = int(state["step"])
     metrics = MetricsLog(
         stage_dir / "metrics.jsonl",
         enabled=ctx.is_main,
         tensorboard_dir=stage_dir / "tensorboard" if recipe.tensorboard else None,
     )
-    start = 0
-    latest = checkpoint.latest(ckpt_root) if opts.resume else None
-    if latest is not None:
-        state = checkpoint.load(trainer, latest)
-        sampler.load_state_dict(state["sampler"])
-        start = int(state["step"])
     metrics.truncate_after(start - 1)
     torch.distributed.barrier()
 
     release_steps = set(decay_ends(stage.schedule, steps)) - {steps}
     every = stage.checkpoint.every
-    progress = Progress(stage.name, steps, start, enabled=ctx.is_main, every=max(1, steps // 20))
+    progress = Progress(stage_dir.name, steps, start, enabled=ctx.is_main, every=max(1, steps // 20))
     seq_len = stage.seq_len
     try:
         for step in range(start, steps):
@@ -221,10 +245,8 @@ def train_stage(recipe: Recipe, plan: StagePlan, index: int, start_model, opts: 
             progress.update(step, stage.tokens_per_step, result.loss, result.lr)
             stopping = stop.agreed(ctx.world_size) and done < steps
             if done == steps or stopping or (every and done % every == 0) or done in release_steps:
-                checkpoint.save(
-                    trainer, ckpt_root, done, {"step": done, "sampler": sampler.state_dict()},
-                    tokenizer=plan.tokenizer, keep=stage.checkpoint.keep,
-                )
+                client = {"step": done, "sampler": sampler.state_dict(), "offsets": state.get("offsets")}
+                checkpoint.save(trainer, ckpt_root, done, client, tokenizer=plan.tokenizer, keep=stage.checkpoint.keep)
             if done in release_steps:
                 export_hf(trainer, plan.tokenizer, stage_dir / "releases" / f"step-{done}")
             if stopping:

@@ -1,0 +1,98 @@
+"""`cpt anneal`: fork a decay branch from a checkpoint of a constant-lr (WSD / infinite) run.
+
+This is how release models come out of a run that has no fixed end (Hagele et al. 2024; Ibrahim
+et al. 2024): the main branch goes on untouched, and any of its checkpoints can be cooled down
+into a deployable model. The branch continues the checkpoint exactly — weights, AdamW moments,
+RNG and the data position — and by default keeps the main branch's mixture at that step and
+decays the lr from the value the main branch had reached, with the 1-sqrt shape over all of its
+steps. ``--set`` changes the branch like a stage (paths relative to the stage), for example
+``--set 'mixture={weights: {code: 0.5, prose: 0.5}}'`` for domain upsampling during the decay.
+
+The branch lives in ``<run>/<stage>/anneal-<checkpoint>/`` with its own ``branch.yaml``,
+``metrics.jsonl``, ``checkpoints/`` and ``final/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from cpt.errors import CptError
+from cpt.plan import plan_recipe, plan_stage
+from cpt.recipe import dump_recipe, read_yaml_mapping, recipe_from_mapping
+from cpt.train import checkpoint
+from cpt.train.engine import init_distributed
+from cpt.train.launch import distributed_context, needs_launch, relaunch_under_deepspeed
+from cpt.train.run import PREPARED_ENV, Fork, StopRequest, train_stage
+from cpt.train.schedules import lr_at
+
+
+def anneal(stage_dir: Path, from_checkpoint: str, steps: int, overrides: list[str], argv: list[str], *,
+           resume: bool = False, overwrite: bool = False) -> int:
+    stage_dir = Path(stage_dir)
+    run_dir, name = stage_dir.parent, stage_dir.name
+    recipe_path = run_dir / "recipe.yaml"
+    if not recipe_path.is_file():
+        raise CptError(f"{run_dir} is not a cpt run directory (no recipe.yaml)", str(stage_dir))
+    ckpt = stage_dir / "checkpoints" / from_checkpoint
+    at = checkpoint.read_meta(ckpt)["step"]  # a complete checkpoint, or a clear error
+    main = recipe_from_mapping(read_yaml_mapping(recipe_path), recipe_path)
+    index = next((i for i, s in enumerate(main.stages) if s.name == name), None)
+    if index is None:
+        raise CptError(f"the run has no stage {name!r}", str(stage_dir))
+    main_plans = plan_recipe(main)[: index + 1]
+    main_plan = main_plans[-1]
+
+    raw = read_yaml_mapping(recipe_path)
+    raw["stages"] = raw["stages"][: index + 1]
+    branch_stage = raw["stages"][index]
+    branch_stage.pop("tokens", None)
+    branch_stage.update(
+        steps=steps,
+        schedule={"type": "wsd", "lr": lr_at(main_plan.stage.schedule, min(at, main_plan.steps - 1), main_plan.steps),
+                  "warmup": 0, "decay": steps, "decay_type": "1-sqrt"},
+        mixture={"weights": dict(zip(main_plan.domains, main_plan.weights[min(at, main_plan.steps - 1)].tolist()))},
+        checkpoint={"every": None, "keep": 1},
+    )
+    recipe = recipe_from_mapping(raw, recipe_path, [f"stages.{name}.{item}" for item in overrides])
+    branch = recipe.stages[index]
+    out = stage_dir / f"anneal-{from_checkpoint}"
+
+    ctx = distributed_context()
+    if not ctx.launched:
+        _claim(out, yaml.safe_dump(yaml.safe_load(dump_recipe(recipe))["stages"][index], sort_keys=False), resume, overwrite)
+        if needs_launch(recipe.distributed):
+            os.environ[PREPARED_ENV] = "1"
+            return relaunch_under_deepspeed(argv, recipe.distributed)
+    init_distributed()
+    plan = plan_stage(recipe, branch, main_plan.tokenizer, main_plans[-2] if index else None)
+    # The architecture comes from the checkpoint's config; its weights are loaded by the fork.
+    start_model = {"config": json.loads((ckpt / "hf" / "config.json").read_text())}
+    stop = StopRequest()
+    try:
+        finished = train_stage(recipe, plan, index, start_model, out, resume, stop,
+                               fork=Fork(ckpt, main_plan.domains))
+    finally:
+        stop.restore()
+    if ctx.is_main:
+        print(f"{'done' if finished else 'stopped'}: {out}", flush=True)
+    return 0
+
+
+def _claim(out: Path, branch_yaml: str, resume: bool, overwrite: bool) -> None:
+    saved = out / "branch.yaml"
+    if out.exists():
+        if resume and saved.is_file() and saved.read_text() == branch_yaml:
+            return
+        if overwrite:
+            shutil.rmtree(out)
+        elif resume:
+            raise CptError(f"{out} was made with other branch settings; resume with the same ones", str(out))
+        else:
+            raise CptError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it", str(out))
+    out.mkdir(parents=True)
+    saved.write_text(branch_yaml)
