@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -98,7 +97,7 @@ def sampler_vs_step(tokenizer) -> float:
 
 
 RSS_CHILD = """
-import os, resource, sys
+import sys
 from pathlib import Path
 from cpt.data.pack import load_blocks
 from cpt.data.sources import DomainConfig
@@ -107,7 +106,9 @@ tok = load_tokenizer(sys.argv[1])
 domain = DomainConfig(source=sys.argv[2], heldout=1)
 blocks = load_blocks(domain, "train", tok, 256, 0, Path(sys.argv[3]))
 checksum = int(blocks[:: max(1, len(blocks) // 1000)].sum())  # touch the map as a reader would
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, len(blocks), checksum)
+# VmHWM is this process's own peak; ru_maxrss would carry the parent's peak across fork/exec
+peak_kib = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(peak_kib, len(blocks), checksum)
 """
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,8 @@ def tok(tmp_path_factory: pytest.TempPathFactory):
     """A small byte-level BPE tokenizer trained on a few real standard-library modules."""
     code = DomainConfig(source="builtin:python-stdlib")
     out = tmp_path_factory.mktemp("tok") / "bpe"
-    return train_tokenizer(TrainTokenizerConfig(vocab_size=500, max_documents=30), iter_documents(code, "train", 0), out)
+    cfg = TrainTokenizerConfig(vocab_size=500, max_documents=30)
+    return train_tokenizer(cfg, iter_documents(code, "train", 0), out)
 
 
 @pytest.fixture
@@ -64,6 +67,14 @@ def test_small_batches_give_the_same_blocks(corpus: DomainConfig, tok, tmp_path:
     assert np.array_equal(load_blocks(corpus, "train", tok, SEQ, 0, tmp_path / "b"), whole)
 
 
+def test_disabled_tokenizer_parallelism_is_reported(
+    corpus: DomainConfig, tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    load_blocks(corpus, "train", tok, SEQ, 0, tmp_path)
+    assert "TOKENIZERS_PARALLELISM=false: tokenizing on one core" in caplog.text
+
+
 def test_heldout_split_is_packed_separately(corpus: DomainConfig, tok, tmp_path: Path):
     heldout = load_blocks(corpus, "heldout", tok, 8, 0, tmp_path)
     assert heldout.reshape(-1).tolist() == token_stream(corpus, "heldout", tok)[: heldout.size]
@@ -71,7 +82,9 @@ def test_heldout_split_is_packed_separately(corpus: DomainConfig, tok, tmp_path:
     assert cache_path(corpus, "heldout", tok, 8, 0, tmp_path) != cache_path(corpus, "train", tok, 8, 0, tmp_path)
 
 
-def test_second_load_reads_the_cache_without_tokenizing(corpus: DomainConfig, tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_second_load_reads_the_cache_without_tokenizing(
+    corpus: DomainConfig, tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
     cache = tmp_path / "cache"
     first = np.array(load_blocks(corpus, "train", tok, SEQ, 0, cache))
     entry = cache_path(corpus, "train", tok, SEQ, 0, cache)
@@ -82,8 +95,10 @@ def test_second_load_reads_the_cache_without_tokenizing(corpus: DomainConfig, to
 
     monkeypatch.setattr(pack, "iter_documents", no_more_reading)
     monkeypatch.setattr(pack, "_pack", no_more_reading)
-    again = load_blocks(corpus, "train", tok, SEQ, 0, cache)
+    with caplog.at_level(logging.INFO, logger="cpt.data.pack"):
+        again = load_blocks(corpus, "train", tok, SEQ, 0, cache)
     assert np.array_equal(again, first)
+    assert f"cached blocks at {entry}" in caplog.text
     assert (entry / "blocks.bin").stat().st_mtime_ns == stamp
     assert sorted(p.name for p in cache.iterdir()) == [entry.name]  # no staging leftovers
     with pytest.raises(AssertionError, match="read and tokenized again"):
@@ -91,7 +106,9 @@ def test_second_load_reads_the_cache_without_tokenizing(corpus: DomainConfig, to
 
 
 @pytest.mark.parametrize("damage", ["truncate", "drop-meta", "garble-meta"])
-def test_a_damaged_cache_entry_is_rebuilt(corpus: DomainConfig, tok, tmp_path: Path, damage: str):
+def test_a_damaged_cache_entry_is_rebuilt(
+    corpus: DomainConfig, tok, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+):
     first = np.array(load_blocks(corpus, "train", tok, SEQ, 0, tmp_path))
     entry = cache_path(corpus, "train", tok, SEQ, 0, tmp_path)
     if damage == "truncate":
@@ -102,6 +119,15 @@ def test_a_damaged_cache_entry_is_rebuilt(corpus: DomainConfig, tok, tmp_path: P
         (entry / "meta.json").write_text('{"n_blocks": ')
     assert np.array_equal(load_blocks(corpus, "train", tok, SEQ, 0, tmp_path), first)
     assert (entry / "blocks.bin").stat().st_size == first.nbytes
+    assert f"ignoring the damaged cache entry {entry}" in caplog.text
+
+
+def test_concurrent_writers_publish_one_sound_entry(corpus: DomainConfig, tok, tmp_path: Path):
+    cache = tmp_path / "c"
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: np.array(load_blocks(corpus, "train", tok, SEQ, 0, cache)), range(2)))
+    assert np.array_equal(results[0], results[1])
+    assert [p.name for p in cache.iterdir()] == [cache_path(corpus, "train", tok, SEQ, 0, cache).name]
 
 
 def test_a_changed_source_file_gets_a_new_entry(corpus: DomainConfig, tok, tmp_path: Path):

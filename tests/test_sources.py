@@ -76,7 +76,7 @@ def test_python_docs_is_pydoc_topics_and_docstrings_read_without_importing():
     json_init = Path(sysconfig.get_paths()["stdlib"]) / "json" / "__init__.py"
     json_doc = module_docstrings(json_init)
     assert json_doc.startswith("JSON (JavaScript Object Notation)")
-    assert "Serialize ``obj`` to a JSON formatted ``str``." in json_doc  # json.dumps, in source order after the module's
+    assert "Serialize ``obj`` to a JSON formatted ``str``." in json_doc  # json.dumps
     assert "from .decoder import" not in json_doc  # docstrings only, no code
 
     train, heldout = both_splits(DomainConfig(source="builtin:python-docs"))
@@ -92,7 +92,8 @@ def test_builtins_pass_their_checks_and_have_stable_fingerprints():
         cfg = DomainConfig(source=f"builtin:{name}")
         check_domain(cfg)
         assert fingerprint(cfg, 1) == fingerprint(cfg, 1) != fingerprint(cfg, 2)
-    assert fingerprint(DomainConfig(source="builtin:python-stdlib"), 0) != fingerprint(DomainConfig(source="builtin:python-docs"), 0)
+    code, prose = DomainConfig(source="builtin:python-stdlib"), DomainConfig(source="builtin:python-docs")
+    assert fingerprint(code, 0) != fingerprint(prose, 0)
 
 
 # --- held-out split ---
@@ -112,7 +113,9 @@ def test_heldout_is_exact_disjoint_and_deterministic(hundred: Path):
     assert len(list(iter_documents(counted, "heldout", 3))) == 7
 
 
-@pytest.mark.parametrize(("heldout", "n", "expected"), [(0.05, 100, 5), (0.05, 3, 1), (0.5, 5, 2), (0.26, 10, 3), (12, 5, 12), (0, 9, 0)])
+@pytest.mark.parametrize(
+    ("heldout", "n", "expected"), [(0.05, 100, 5), (0.05, 3, 1), (0.5, 5, 2), (0.26, 10, 3), (12, 5, 12), (0, 9, 0)]
+)
 def test_heldout_size(heldout: float, n: int, expected: int):
     assert heldout_size(heldout, n) == expected
 
@@ -148,7 +151,15 @@ def test_glob_over_text_markdown_jsonl_gzip_and_parquet(tmp_path: Path):
     check_domain(cfg)
     train, heldout = both_splits(cfg)
     assert sorted(train + heldout) == sorted(
-        ["a plain text file\nwith two lines\n", "# A heading\n\nmarkdown body\n", "json one", "json two", "gzipped json", "parquet one", "parquet two"]
+        [
+            "a plain text file\nwith two lines\n",
+            "# A heading\n\nmarkdown body\n",
+            "json one",
+            "json two",
+            "gzipped json",
+            "parquet one",
+            "parquet two",
+        ]
     )
     assert len(heldout) == 1
 
@@ -181,7 +192,9 @@ def test_hf_json_and_parquet_builders_with_local_data_files(tmp_path: Path, hf_c
     parquet = tmp_path / "rows.parquet"
     pq.write_table(pa.table({"content": texts}), parquet)
     from_json = DomainConfig(source="hf:json", hf={"data_files": str(jsonl)}, heldout=0.25)
-    from_parquet = DomainConfig(source="hf:parquet", hf={"data_files": [str(parquet)]}, text_field="content", heldout=0.25)
+    from_parquet = DomainConfig(
+        source="hf:parquet", hf={"data_files": [str(parquet)]}, text_field="content", heldout=0.25
+    )
     for cfg in (from_json, from_parquet):
         check_domain(cfg)
         train, heldout = both_splits(cfg)
@@ -192,7 +205,8 @@ def test_hf_json_and_parquet_builders_with_local_data_files(tmp_path: Path, hf_c
 def test_hf_streaming_holds_out_the_first_documents(tmp_path: Path, hf_cache: None):
     path = tmp_path / "lines.txt"
     path.write_text("".join(f"line {i}\n" for i in range(10)))
-    cfg = DomainConfig(source="hf:text", hf={"data_files": {"train": str(path)}, "streaming": True}, heldout=3, max_documents=4)
+    options = {"data_files": {"train": str(path)}, "streaming": True}
+    cfg = DomainConfig(source="hf:text", hf=options, heldout=3, max_documents=4)
     train, heldout = both_splits(cfg)
     assert heldout == ["line 0", "line 1", "line 2"]
     assert train == ["line 3", "line 4", "line 5", "line 6"]
@@ -212,7 +226,8 @@ def test_hf_errors_are_cpt_errors(tmp_path: Path, hf_cache: None):
     with pytest.raises(CptError) as err:
         list(iter_documents(missing, "train", 0))
     assert err.value.where == "source" and "cannot load dataset hf:json" in err.value.message
-    wrong_field = DomainConfig(source="hf:json", hf={"data_files": str(write_jsonl(tmp_path / "r.jsonl", ["a", "b"]))}, text_field="body")
+    rows = write_jsonl(tmp_path / "r.jsonl", ["a", "b"])
+    wrong_field = DomainConfig(source="hf:json", hf={"data_files": str(rows)}, text_field="body")
     with pytest.raises(CptError, match="no column 'body'"):
         list(iter_documents(wrong_field, "train", 0))
 
@@ -268,6 +283,9 @@ def test_too_small_domain_for_its_heldout_split(tmp_path: Path):
         with pytest.raises(CptError, match="has 3 non-empty document") as err:
             check_domain(DomainConfig(source=str(path), heldout=heldout))
         assert err.value.where == "heldout"
+    with pytest.raises(CptError, match="has 3 non-empty document") as err:
+        iter_documents(DomainConfig(source=str(path), heldout=3), "heldout", 0)
+    assert err.value.where == "heldout"
 
 
 def test_unknown_split_is_a_programming_error(hundred: Path):

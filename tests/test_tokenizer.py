@@ -47,9 +47,11 @@ def test_trained_tokenizer_reloads_with_auto_tokenizer(trained: Path):
 
 
 def test_training_is_deterministic_and_saved_atomically(trained: Path, tmp_path: Path):
-    again = train_tokenizer(TrainTokenizerConfig(vocab_size=600, max_documents=40), iter_documents(PROSE, "train", 0), tmp_path / "tok")
+    cfg = TrainTokenizerConfig(vocab_size=600, max_documents=40)
+    again = train_tokenizer(cfg, iter_documents(PROSE, "train", 0), tmp_path / "tok")
     assert tokenizer_fingerprint(again) == tokenizer_fingerprint(load_tokenizer(str(trained)))
-    smaller = train_tokenizer(TrainTokenizerConfig(vocab_size=400, max_documents=40), iter_documents(PROSE, "train", 0), tmp_path / "tok")
+    cfg = TrainTokenizerConfig(vocab_size=400, max_documents=40)
+    smaller = train_tokenizer(cfg, iter_documents(PROSE, "train", 0), tmp_path / "tok")
     assert len(smaller) == 400 and len(load_tokenizer(str(tmp_path / "tok"))) == 400  # replaced in place
     assert tokenizer_fingerprint(smaller) != tokenizer_fingerprint(again)
     assert [p.name for p in tmp_path.iterdir()] == ["tok"]  # no staging directories left behind

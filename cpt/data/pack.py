@@ -16,17 +16,18 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from itertools import chain
-from typing import TYPE_CHECKING, BinaryIO, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from cpt.data.sources import DomainConfig, fingerprint, iter_documents
+from cpt.data.sources import DomainConfig, Split, fingerprint, iter_documents
 from cpt.data.tokenizer import tokenizer_fingerprint
 from cpt.errors import CptError
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
@@ -55,26 +56,25 @@ class BlockStats:
 
 
 def cache_path(
-    cfg: DomainConfig, split: Literal["train", "heldout"], tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int, cache_dir: Path
+    cfg: DomainConfig, split: Split, tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int, cache_dir: Path
 ) -> Path:
-    """The cache entry (a directory) of one packed split: same documents, tokenizer and seq_len, same entry."""
-    key = json.dumps([fingerprint(cfg, seed), tokenizer_fingerprint(tokenizer), seq_len, split, FORMAT_VERSION])
-    return Path(cache_dir) / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
+    """The cache entry (a directory) of a packed split: same documents, tokenizer and seq_len, same entry."""
+    return _entry_path(Path(cache_dir), split, fingerprint(cfg, seed), tokenizer_fingerprint(tokenizer), seq_len)
 
 
 def load_blocks(
-    cfg: DomainConfig, split: Literal["train", "heldout"], tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int, cache_dir: Path
+    cfg: DomainConfig, split: Split, tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int, cache_dir: Path
 ) -> np.memmap:
     """The split's blocks as a read-only ``(n_blocks, seq_len)`` memmap, tokenized on first use only."""
-    entry, stats = _ensure(cfg, split, tokenizer, seq_len, seed, cache_dir)
+    entry, stats = _ensure(cfg, split, tokenizer, seq_len, seed, Path(cache_dir))
     return np.memmap(entry / "blocks.bin", dtype=stats.dtype, mode="r", shape=(stats.n_blocks, stats.seq_len))
 
 
 def block_stats(
-    cfg: DomainConfig, split: Literal["train", "heldout"], tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int, cache_dir: Path
+    cfg: DomainConfig, split: Split, tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int, cache_dir: Path
 ) -> BlockStats:
     """Token and document counts of the split, tokenizing it first if it is not cached yet."""
-    return _ensure(cfg, split, tokenizer, seq_len, seed, cache_dir)[1]
+    return _ensure(cfg, split, tokenizer, seq_len, seed, Path(cache_dir))[1]
 
 
 def token_dtype(tokenizer: PreTrainedTokenizerFast) -> np.dtype:
@@ -82,44 +82,47 @@ def token_dtype(tokenizer: PreTrainedTokenizerFast) -> np.dtype:
     return np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
 
 
+def _entry_path(cache_dir: Path, split: str, domain_fp: str, tokenizer_fp: str, seq_len: int) -> Path:
+    key = json.dumps([domain_fp, tokenizer_fp, seq_len, split, FORMAT_VERSION])
+    return cache_dir / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
+
+
 def _ensure(
-    cfg: DomainConfig, split: Literal["train", "heldout"], tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int, cache_dir: Path
+    cfg: DomainConfig, split: Split, tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int, cache_dir: Path
 ) -> tuple[Path, BlockStats]:
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, not {seq_len}")
-    if tokenizer.eos_token_id is None:
+    eos = tokenizer.eos_token_id
+    if eos is None:
         raise CptError("the tokenizer has no end-of-sequence token to separate documents", where="tokenizer")
-    entry = cache_path(cfg, split, tokenizer, seq_len, seed, cache_dir)
+    domain_fp, tokenizer_fp = fingerprint(cfg, seed), tokenizer_fingerprint(tokenizer)
+    entry = _entry_path(cache_dir, split, domain_fp, tokenizer_fp, seq_len)
     stats = _read_entry(entry)
     if stats is not None:
         log.info("%s %s: cached blocks at %s", cfg.source, split, entry)
         return entry, stats
     log.info("%s %s: tokenizing and packing into %s", cfg.source, split, entry)
     if os.environ.get("TOKENIZERS_PARALLELISM", "unset").lower() in _OFF:
-        log.warning("TOKENIZERS_PARALLELISM=%s: tokenizing on one core; unset it to use them all", os.environ["TOKENIZERS_PARALLELISM"])
-    expected = BlockStats(
-        n_blocks=0,
-        seq_len=seq_len,
-        dtype=token_dtype(tokenizer).name,
-        n_documents=0,
-        n_tokens=0,
-        source=cfg.source,
-        split=split,
-        domain_fingerprint=fingerprint(cfg, seed),
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-    )
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        setting = os.environ["TOKENIZERS_PARALLELISM"]
+        log.warning("TOKENIZERS_PARALLELISM=%s: tokenizing on one core; unset it to use them all", setting)
+    dtype = token_dtype(tokenizer)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cache_dir))
     try:
         with open(staging / "blocks.bin", "wb") as out:
-            n_documents, n_tokens, n_blocks = _pack(iter_documents(cfg, split, seed), tokenizer, expected, out)
+            documents = iter_documents(cfg, split, seed)
+            n_documents, n_tokens, n_blocks = _pack(documents, tokenizer.backend_tokenizer, eos, dtype, seq_len, out)
+            out.flush()
+            os.fsync(out.fileno())  # a crash must not leave a renamed entry whose tokens never reached the disk
         if n_blocks == 0:
             raise CptError(
                 f"the {split} split of {cfg.source} has {n_tokens} tokens in {n_documents} documents: "
                 f"not one full block of seq_len={seq_len}",
                 where="data",
             )
-        stats = BlockStats(**(asdict(expected) | {"n_blocks": n_blocks, "n_documents": n_documents, "n_tokens": n_tokens}))
+        stats = BlockStats(
+            n_blocks, seq_len, dtype.name, n_documents, n_tokens, cfg.source, split, domain_fp, tokenizer_fp
+        )
         (staging / "meta.json").write_text(json.dumps(asdict(stats) | {"format": FORMAT_VERSION}, indent=1))
         _publish(staging, entry)
     finally:
@@ -127,14 +130,14 @@ def _ensure(
     return entry, stats
 
 
-def _pack(documents: Iterable[str], tokenizer: PreTrainedTokenizerFast, stats: BlockStats, out: BinaryIO) -> tuple[int, int, int]:
+def _pack(
+    documents: Iterable[str], backend: Tokenizer, eos: int, dtype: np.dtype, seq_len: int, out: BinaryIO
+) -> tuple[int, int, int]:
     """Write whole blocks as they fill; only the unfinished block is carried between batches.
 
     ``encode_batch_fast`` is ``encode_batch`` without character offsets, which packing never needs.
+    Returns (documents, tokens, blocks).
     """
-    eos = tokenizer.eos_token_id
-    backend = tokenizer.backend_tokenizer
-    dtype = np.dtype(stats.dtype)
     carry = np.empty(0, dtype=dtype)
     n_documents = n_tokens = n_blocks = 0
     for texts in _batches(documents):
@@ -143,9 +146,9 @@ def _pack(documents: Iterable[str], tokenizer: PreTrainedTokenizerFast, stats: B
             doc_ids.append(eos)
         fresh = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=sum(map(len, ids)))
         stream = np.concatenate([carry, fresh])
-        full = len(stream) // stats.seq_len
-        out.write(stream[: full * stats.seq_len].tobytes())
-        carry = stream[full * stats.seq_len :]
+        full = len(stream) // seq_len
+        out.write(stream[: full * seq_len].data)
+        carry = stream[full * seq_len :].copy()
         n_documents += len(texts)
         n_tokens += len(fresh)
         n_blocks += full
@@ -167,16 +170,18 @@ def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
 
 def _read_entry(entry: Path) -> BlockStats | None:
     """The entry's stats if it is complete and consistent; anything else is treated as absent."""
+    if not entry.exists():
+        return None
     try:
         meta = json.loads((entry / "meta.json").read_text())
-        if meta.pop("format") != FORMAT_VERSION:
-            return None
-        stats = BlockStats(**meta)
-        size = (entry / "blocks.bin").stat().st_size
+        stats = BlockStats(**{k: v for k, v in meta.items() if k != "format"})
+        sound = meta["format"] == FORMAT_VERSION and stats.n_blocks >= 1
+        expected_size = stats.n_blocks * stats.seq_len * np.dtype(stats.dtype).itemsize
+        sound = sound and (entry / "blocks.bin").stat().st_size == expected_size
     except (OSError, ValueError, TypeError, KeyError):
-        return None
-    if stats.n_blocks < 1 or size != stats.n_blocks * stats.seq_len * np.dtype(stats.dtype).itemsize:
-        log.warning("ignoring the corrupt cache entry %s", entry)
+        sound = False
+    if not sound:
+        log.warning("ignoring the damaged cache entry %s", entry)
         return None
     return stats
 

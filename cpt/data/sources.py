@@ -19,7 +19,7 @@ import random
 import sys
 import sysconfig
 import tokenize
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -37,6 +37,8 @@ PARQUET_SUFFIXES = (".parquet",)
 _STDLIB_EXCLUDED = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"})
 _DOCSTRING_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 _ROWS_PER_BATCH = 1024
+
+Split = Literal["train", "heldout"]
 
 
 class HFOptions(Strict):
@@ -126,15 +128,10 @@ def check_domain(cfg: DomainConfig) -> None:
         n += 1
         if n - heldout_size(cfg.heldout, n) >= 1:
             return
-    k = heldout_size(cfg.heldout, n)
-    raise CptError(
-        f"{cfg.source} has {n} non-empty document(s); the held-out split takes {k} and training "
-        "needs at least one more: lower heldout or add documents",
-        where="heldout",
-    )
+    raise _too_small(cfg, n)
 
 
-def iter_documents(cfg: DomainConfig, split: Literal["train", "heldout"], seed: int) -> Iterator[str]:
+def iter_documents(cfg: DomainConfig, split: Split, seed: int) -> Iterator[str]:
     """Stream the documents of one split; the same (seed, source) always gives the same split."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
@@ -146,6 +143,8 @@ def iter_documents(cfg: DomainConfig, split: Literal["train", "heldout"], seed: 
         return islice(documents, k, None if cfg.max_documents is None else k + cfg.max_documents)
     n = _count_documents(cfg)
     k = heldout_size(cfg.heldout, n)
+    if n - k < 1:
+        raise _too_small(cfg, n)
     rng = random.Random(hashlib.sha256(f"{seed}\0{cfg.source}".encode()).digest())
     wanted = split == "heldout"
     chosen = (doc for doc, held in zip(documents, _selection(n, k, rng)) if held == wanted)
@@ -163,6 +162,14 @@ def fingerprint(cfg: DomainConfig, seed: int) -> str:
     elif cfg.hf is not None and cfg.hf.data_files is not None:
         parts["files"] = [_file_stamp(Path(p)) for p in _local_data_files(cfg.hf.data_files)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _too_small(cfg: DomainConfig, n: int) -> CptError:
+    return CptError(
+        f"{cfg.source} has {n} non-empty document(s); the held-out split takes {heldout_size(cfg.heldout, n)} "
+        "and training needs at least one more: lower heldout or add documents",
+        where="heldout",
+    )
 
 
 def _selection(n: int, k: int, rng: random.Random) -> Iterator[bool]:
@@ -223,7 +230,7 @@ def _python_docs() -> Iterator[str]:
 
 @functools.cache
 def _stdlib_docstrings() -> tuple[str, ...]:
-    """Parsing the whole standard library takes seconds, so its ~2 MB of docstrings are kept once read."""
+    """Parsing the whole standard library takes seconds, so its docstrings (~1.7 MB) are kept once read."""
     return tuple(module_docstrings(path) for path in stdlib_files())
 
 
@@ -272,7 +279,9 @@ def _format(path: Path) -> Literal["text", "jsonl", "parquet"]:
     if name.endswith(PARQUET_SUFFIXES) and not path.name.lower().endswith(".gz"):
         return "parquet"
     known = ", ".join(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES)
-    raise CptError(f"{path}: unknown file type; expected one of {known} (text and JSON lines may end in .gz)", where="source")
+    raise CptError(
+        f"{path}: unknown file type; expected one of {known} (text and JSON lines may end in .gz)", where="source"
+    )
 
 
 def _check_file(path: Path, text_field: str) -> None:
@@ -288,7 +297,8 @@ def _check_file(path: Path, text_field: str) -> None:
         except (OSError, pa.ArrowException) as e:
             raise CptError(f"{path} is not a readable parquet file: {e}", where="source") from e
         if text_field not in schema.names:
-            raise CptError(f"{path} has no column {text_field!r}; its columns: {', '.join(schema.names)}", where="source")
+            columns = ", ".join(schema.names)
+            raise CptError(f"{path} has no column {text_field!r}; its columns: {columns}", where="source")
 
 
 def _open_text(path: Path) -> TextIO:
@@ -322,7 +332,8 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CptError(
-                    f"{path}:{line_no}: expected one JSON object per line ({e.msg}); use hf:json for other JSON layouts",
+                    f"{path}:{line_no}: expected one JSON object per line ({e.msg}); "
+                    "use hf:json for other JSON layouts",
                     where="source",
                 ) from e
             if not isinstance(row, dict) or text_field not in row:
@@ -362,13 +373,19 @@ def _hf_texts(cfg: DomainConfig) -> Iterator[str]:
     name = cfg.source.removeprefix("hf:")
     try:
         dataset = datasets.load_dataset(
-            name, opts.name, split=opts.split, data_files=opts.data_files, revision=opts.revision, streaming=opts.streaming
+            name,
+            opts.name,
+            split=opts.split,
+            data_files=opts.data_files,
+            revision=opts.revision,
+            streaming=opts.streaming,
         )
     except Exception as e:  # datasets raises many unrelated types for one cause: the source cannot be read
         raise CptError(f"cannot load dataset {cfg.source}: {e}", where="source") from e
     columns = dataset.column_names
     if columns is not None and cfg.text_field not in columns:
-        raise CptError(f"{cfg.source} has no column {cfg.text_field!r}; its columns: {', '.join(columns)}", where="source")
+        listed = ", ".join(columns)
+        raise CptError(f"{cfg.source} has no column {cfg.text_field!r}; its columns: {listed}", where="source")
     if opts.streaming:
         for row in dataset:
             if cfg.text_field not in row:
@@ -382,8 +399,7 @@ def _hf_texts(cfg: DomainConfig) -> Iterator[str]:
 
 def _local_data_files(data_files: str | list[str] | dict[str, str | list[str]]) -> list[str]:
     """The local files among ``data_files`` (remote ones are identified by the options alone)."""
-    if isinstance(data_files, dict):
-        patterns: Iterable[str] = [p for value in data_files.values() for p in ([value] if isinstance(value, str) else value)]
-    else:
-        patterns = [data_files] if isinstance(data_files, str) else data_files
-    return sorted(p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+    groups = list(data_files.values()) if isinstance(data_files, dict) else [data_files]
+    patterns = [p for group in groups for p in ([group] if isinstance(group, str) else group)]
+    found = (p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern), recursive=True))
+    return sorted(p for p in found if os.path.isfile(p))

@@ -54,13 +54,17 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     if not local.exists() and (local.is_absolute() or path.startswith((".", "~"))):  # clearly a path, not a hub id
         raise CptError(f"cannot load tokenizer from {path}: no such directory", where="tokenizer")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path, trust_remote_code=trust_remote_code)
+        source = str(local) if local.exists() else path
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers signals a bad or missing tokenizer with many exception types
         raise CptError(f"cannot load tokenizer from {path}: {e}", where="tokenizer") from e
     if not getattr(tokenizer, "is_fast", False):
         raise CptError(f"cannot load tokenizer from {path}: it has no fast (Rust) backend", where="tokenizer")
     if tokenizer.eos_token_id is None:
-        raise CptError(f"cannot load tokenizer from {path}: it has no end-of-sequence token to separate documents", where="tokenizer")
+        raise CptError(
+            f"cannot load tokenizer from {path}: it has no end-of-sequence token to separate documents",
+            where="tokenizer",
+        )
     return tokenizer
 
 
@@ -80,7 +84,9 @@ def train_tokenizer(cfg: TrainTokenizerConfig, documents: Iterable[str], out_dir
         show_progress=False,
     )
     tokenizer.train_from_iterator(islice(documents, cfg.max_documents), trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=PAD)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=PAD
+    )
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
