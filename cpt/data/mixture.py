@@ -211,7 +211,7 @@ def cap_epochs(
             return W
         capped |= over
         free_weight = W[:, ~capped].sum(axis=1)
-        open_rows = free_weight > 0
+        open_rows = free_weight > 1e-12  # a row whose uncapped share is nil cannot take more
         if not open_rows.any():
             needed = batch_blocks * W.shape[0]
             allowed = cap[planned > 0].sum()
