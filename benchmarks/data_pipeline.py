@@ -59,8 +59,8 @@ def pack_vs_raw(tokenizer, domain: DomainConfig, work: Path) -> float:
 def sampler_vs_step(tokenizer) -> float:
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
     stage = recipe.stage("pretrain")
-    batch = stage.batch.global_batch_size
-    blocks = [np.random.default_rng(i).integers(0, len(tokenizer), (5000, SEQ_LEN), dtype=np.uint16) for i in range(2)]
+    batch, seq_len = stage.batch.global_batch_size, stage.seq_len
+    blocks = [np.random.default_rng(i).integers(0, len(tokenizer), (5000, seq_len), dtype=np.uint16) for i in range(2)]
     steps = 200
     weights = np.tile([0.75, 0.25], (steps, 1))
     sampler = MixtureSampler(weights, [len(b) for b in blocks], batch, seed=0, key="bench")
@@ -92,7 +92,7 @@ def sampler_vs_step(tokenizer) -> float:
     train_step()
     per_step = best_of(train_step, repeats=5)
     print(f"sampler+gather per batch {per_batch * 1e3:.3f} ms; quickstart training step {per_step * 1e3:.1f} ms "
-          f"(batch {batch} x {SEQ_LEN})")
+          f"(batch {batch} x {seq_len})")
     return per_batch / per_step
 
 

@@ -43,7 +43,7 @@ def test_dump_round_trips(tmp_path):
 
 def test_tokens_budget_rounds_up_to_whole_steps():
     recipe = load_recipe(QUICKSTART, ["stages.cpt.steps=null", "stages.cpt.tokens=10000"])
-    assert recipe.stage("cpt").total_steps == 3  # 16 x 256 = 4096 tokens per step
+    assert recipe.stage("cpt").total_steps == 5  # 16 x 128 = 2048 tokens per step
 
 
 def test_overrides_scalar_mapping_null_and_new_intermediates():

@@ -2,8 +2,8 @@
 
 Layout of ``<root>/step-<N>/`` (N the plain optimizer-step number of the run):
 
-- ``latest``, ``global_step<N>/``, ``zero_to_fp32.py``: what ``engine.save_checkpoint`` writes, so
-  DeepSpeed's tools work on it (``python zero_to_fp32.py . out/``).
+- ``latest``, ``global_step<N>/`` and, under ZeRO, ``zero_to_fp32.py``: what
+  ``engine.save_checkpoint`` writes, so DeepSpeed's tools work on it (``python zero_to_fp32.py . out/``).
 - ``rng/rank-<r>.json``: each rank's Python, NumPy and torch generator states.
 - ``hf/``: the model's Hugging Face config and the tokenizer, so the checkpoint exports alone.
 - ``cpt_checkpoint.json``: written last; a directory without it is not a checkpoint.
@@ -70,6 +70,8 @@ def save(trainer: Trainer, root: Path, step: int, client_state: dict[str, Any], 
     barrier()
     if trainer.rank == 0:
         trainer.module.config.save_pretrained(tmp / "hf")
+        if trainer.module.generation_config is not None:
+            trainer.module.generation_config.save_pretrained(tmp / "hf")
         tokenizer.save_pretrained(tmp / "hf")
         meta = {
             "format": FORMAT,
@@ -77,7 +79,7 @@ def save(trainer: Trainer, root: Path, step: int, client_state: dict[str, Any], 
             "tag": _tag(step),
             "world_size": trainer.world_size,
             "zero_stage": trainer.zero_stage,
-            "precision": "bf16" if trainer.engine.bfloat16_enabled() else "fp32",
+            "precision": trainer.precision,
             "trainer": trainer.state_dict(),
         }
         _fsync_tree(tmp)
@@ -102,24 +104,25 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 
 def read_meta(ckpt_dir: Path) -> dict[str, Any]:
-    """The marker of a complete checkpoint; CptError when ``ckpt_dir`` is not one."""
+    """The marker of a complete checkpoint (which may have been moved or renamed); CptError otherwise."""
     ckpt_dir = Path(ckpt_dir)
-    match = _STEP_DIR.fullmatch(ckpt_dir.name)
     try:
         meta = json.loads((ckpt_dir / MARKER).read_text())
     except (OSError, ValueError) as e:
         raise CptError(f"{ckpt_dir} is not a complete cpt checkpoint (no readable {MARKER})", where="checkpoint") from e
-    if not match or meta.get("format") != FORMAT or meta.get("step") != int(match.group(1)):
-        raise CptError(f"{ckpt_dir} is not a cpt checkpoint of format {FORMAT} named step-<its step>", where="checkpoint")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CptError(f"{ckpt_dir} is not a cpt checkpoint of format {FORMAT}", where="checkpoint")
     return meta
 
 
 def checkpoints(root: Path) -> list[Path]:
-    """The complete checkpoints under ``root``, oldest step first."""
+    """The complete checkpoints ``root/step-<N>`` of a run, oldest step first."""
     found = []
     for d in Path(root).glob("step-*"):
+        match = _STEP_DIR.fullmatch(d.name)
         try:
-            found.append((read_meta(d)["step"], d))
+            if match and read_meta(d)["step"] == int(match.group(1)):
+                found.append((int(match.group(1)), d))
         except CptError:
             continue
     return [d for _, d in sorted(found)]
@@ -136,7 +139,7 @@ def prune(root: Path, keep: int | None) -> None:
     root = Path(root)
     complete = checkpoints(root)
     doomed = complete[: -keep] if keep is not None else []
-    doomed += [d for d in root.glob(".tmp-step-*")] + [d for d in root.glob(".old-step-*")]
+    doomed += list(root.glob(".tmp-step-*")) + list(root.glob(".old-step-*"))
     doomed += [d for d in root.glob("step-*") if d.is_dir() and d not in complete]
     for d in doomed:
         shutil.rmtree(d, ignore_errors=True)
@@ -147,14 +150,11 @@ def load(trainer: Trainer, ckpt_dir: Path) -> dict[str, Any]:
 
     The run must have the checkpoint's world size, ZeRO stage and precision: that is what makes
     the continuation exact. To change them, export the checkpoint and start from the export.
+    DeepSpeed unpickles its checkpoint files: load only checkpoints you trust.
     """
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
-    here = {
-        "world_size": trainer.world_size,
-        "zero_stage": trainer.zero_stage,
-        "precision": "bf16" if trainer.engine.bfloat16_enabled() else "fp32",
-    }
+    here = {"world_size": trainer.world_size, "zero_stage": trainer.zero_stage, "precision": trainer.precision}
     differ = [f"{k} {meta[k]} (this run: {v})" for k, v in here.items() if meta[k] != v]
     if differ:
         raise CptError(

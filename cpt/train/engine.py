@@ -5,10 +5,10 @@ module adds what continual pre-training needs on top, which DeepSpeed does not d
 its optimizer wrappers: a step whose loss (or gradient norm) is non-finite on any rank is skipped
 on every rank, leaving weights, optimizer moments and the learning-rate position untouched.
 
-The learning rate is set on the optimizer before every update from the number of updates applied
-so far, ``lr_fn(updates)``: step ``t = 0`` is the first update, and a skipped step does not move
-the schedule. Keeping that counter ourselves, instead of handing DeepSpeed an lr scheduler, is
-what makes a skipped step leave no trace whichever of DeepSpeed's optimizer wrappers runs.
+The learning rate of step ``t`` (0 for the first step of a stage) is ``lr_fn(t)``, set on the
+optimizer right before DeepSpeed's step. There is no scheduler object whose position DeepSpeed
+would move or not depending on its wrapper, and the lr of every step is the one ``cpt plan``
+shows: a skipped step spends its lr without an update.
 """
 
 from __future__ import annotations
@@ -191,6 +191,10 @@ class Trainer:
         return int(self.engine.zero_optimization_stage())
 
     @property
+    def precision(self) -> str:
+        return "bf16" if self.engine.bfloat16_enabled() else "fp32"
+
+    @property
     def device(self) -> torch.device:
         return self.engine.device
 
@@ -208,8 +212,9 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
-    def train_step(self, micro_batches: Sequence[torch.Tensor]) -> StepResult:
-        """Forward and backward each ``(micro, seq_len)`` block of token ids, then update once.
+    def train_step(self, micro_batches: Sequence[torch.Tensor], step: int) -> StepResult:
+        """Forward and backward each ``(micro, seq_len)`` block of token ids, then update once with
+        lr ``lr_fn(step)``.
 
         The model predicts every next token of its input (labels are the inputs; Hugging Face
         shifts them). Raises :class:`CptError` once more than ``max_nonfinite`` steps had a
@@ -228,10 +233,10 @@ class Trainer:
                 engine.step()  # a no-op between accumulation boundaries, but DeepSpeed counts micro-steps
         torch.distributed.all_reduce(total)  # every rank sees the same loss, so every rank takes the same branch
         mean = total.item() / (len(micro_batches) * self.world_size)
-        lr = float(self.lr_fn(self.updates))
+        lr = float(self.lr_fn(step))
         # DeepSpeed's ZeRO and bf16 wrappers measure the norm (and skip a non-finite one) themselves;
         # on the plain fp32 path the gradients are already all-reduced here, so every rank agrees.
-        grad_norm = None if self.zero_stage > 0 or engine.bfloat16_enabled() else _grad_norm(self.module)
+        grad_norm = None if self.zero_stage > 0 or self.precision == "bf16" else _grad_norm(self.module)
         skip = not (math.isfinite(mean) and (grad_norm is None or math.isfinite(grad_norm)))
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
@@ -251,7 +256,7 @@ class Trainer:
             return StepResult(loss=mean, grad_norm=None, lr=lr, skipped=True)
         self.updates += 1
         if grad_norm is None:
-            grad_norm = _as_float(engine.get_global_grad_norm())
+            grad_norm = float(engine.get_global_grad_norm())
         return StepResult(loss=mean, grad_norm=grad_norm, lr=lr, skipped=False)
 
 
@@ -264,10 +269,6 @@ def _grad_norm(model: torch.nn.Module) -> float:
 def _local_shard(p: torch.nn.Parameter) -> torch.Tensor:
     """The part of a weight this rank holds: its ZeRO-3 partition, or the whole weight."""
     return getattr(p, "ds_tensor", p).detach()
-
-
-def _as_float(value: Any) -> float | None:
-    return None if value is None else float(value)
 
 
 def build_engine(
@@ -288,5 +289,11 @@ def build_engine(
     if dist.precision == "bf16" and not deepspeed.get_accelerator().is_bf16_supported():
         raise CptError("bf16 is not supported by this accelerator; use precision: fp32", where="distributed.precision")
     optimizer = _optimizer(model, opt, dist.offload_optimizer)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(dist, opt, micro_batch_size, grad_accum))
+    # DeepSpeed's mixed-precision wrapper for bf16 without ZeRO steps once with zero gradients to
+    # allocate Adam's state; that phantom step would shift Adam's bias correction by one forever.
+    optimizer.skip = True
+    try:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(dist, opt, micro_batch_size, grad_accum))
+    finally:
+        optimizer.skip = False
     return Trainer(engine, optimizer, lr_fn, opt.max_nonfinite)

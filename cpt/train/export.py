@@ -20,7 +20,7 @@ from cpt.train.checkpoint import read_meta, replace_dir
 from cpt.train.engine import import_deepspeed
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from cpt.train.engine import Trainer
 
@@ -51,7 +51,8 @@ def export_hf(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out_dir: Pat
         raise CptError(f"not exporting to {out_dir}: the model has non-finite weights", where="export")
     state = gather_state_dict(trainer)
     if state is not None:
-        write_hf(trainer.module.config, state, tokenizer, Path(out_dir))
+        module = trainer.module
+        write_hf(module.config, state, tokenizer, Path(out_dir), generation_config=module.generation_config)
     torch.distributed.barrier()
 
 
@@ -60,23 +61,23 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, *, trust_remote_code: bool 
 
     Needs no engine and no process group: ZeRO shards are merged by DeepSpeed's zero_to_fp32.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
-    config = AutoConfig.from_pretrained(ckpt_dir / "hf", trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir / "hf", trust_remote_code=trust_remote_code)
+    hf = ckpt_dir / "hf"
+    config = AutoConfig.from_pretrained(hf, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(hf, trust_remote_code=trust_remote_code)
+    generation = GenerationConfig.from_pretrained(hf) if (hf / "generation_config.json").exists() else None
     dtype = torch.bfloat16 if meta["precision"] == "bf16" else torch.float32
     state = {k: v.to(dtype) for k, v in _checkpoint_state_dict(ckpt_dir, meta["tag"], meta["zero_stage"]).items()}
-    write_hf(config, state, tokenizer, Path(out_dir), trust_remote_code=trust_remote_code)
+    write_hf(config, state, tokenizer, Path(out_dir), generation_config=generation, trust_remote_code=trust_remote_code)
 
 
 def _checkpoint_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
     if zero_stage > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        import_deepspeed()
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        zero_to_fp32 = import_deepspeed().utils.zero_to_fp32
+        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     # Without ZeRO, DeepSpeed keeps the whole module state dict in the model-states file.
     states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return states["module"]
@@ -88,6 +89,7 @@ def write_hf(
     tokenizer: PreTrainedTokenizerBase,
     out_dir: Path,
     *,
+    generation_config: GenerationConfig | None = None,
     trust_remote_code: bool = False,
 ) -> None:
     """Save ``state`` as a model of ``config`` plus ``tokenizer`` into ``out_dir``, atomically."""
@@ -95,6 +97,8 @@ def write_hf(
     if bad:
         raise CptError(f"not exporting to {out_dir}: non-finite weights in {', '.join(bad[:3])}", where="export")
     model = _model_from_state_dict(config, state, trust_remote_code)
+    if generation_config is not None:  # the base model's sampling defaults, not ones derived from its config
+        model.generation_config = generation_config
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")

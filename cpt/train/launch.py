@@ -4,7 +4,8 @@
 itself as ``deepspeed --num_gpus N --no_local_rank --module cpt.cli <the same arguments>``; each of
 the N processes finds ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in its environment and joins the
 process group. A run started by a launcher already (``deepspeed``, ``torchrun``,
-``accelerate launch``) is not relaunched: its environment decides the world size.
+``accelerate launch``) is not relaunched: its environment decides the world size. Without a GPU,
+each of the N processes runs ``cores / N`` threads unless ``OMP_NUM_THREADS`` says otherwise.
 
 Multi-node: set ``distributed.hostfile`` to a DeepSpeed hostfile (one ``<host> slots=<K>`` line
 per node; the hosts reachable by passwordless ssh, with pdsh installed) and start ``cpt run`` on
@@ -75,10 +76,15 @@ def relaunch_under_deepspeed(argv: Sequence[str], dist: DistributedConfig, *, mo
 
     SIGINT and SIGTERM sent to this process are passed on to the training processes themselves
     (not to the launcher, which would kill them after 30 s), so they can finish their step and
-    save before exiting. On several nodes the launcher gets them and stops the remote processes.
+    save before exiting; on several nodes the launcher gets them and stops the remote processes.
+    The launched processes stay in this process's group, so a signal to the whole group (Ctrl-C,
+    ``kill -9 -PGID``) reaches them directly as well: their handlers must tolerate a repeat.
     """
     env = accelerator_env(dict(os.environ))
-    proc = subprocess.Popen(launcher_command(argv, dist, module), env=env, start_new_session=True)
+    if env.get("DS_ACCELERATOR") == "cpu":
+        # N processes each running as many threads as there are cores would oversubscribe them.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // dist.num_processes)))
+    proc = subprocess.Popen(launcher_command(argv, dist, module), env=env)
 
     def forward(signum, _frame):
         targets = [psutil.Process(proc.pid)] if dist.hostfile else _workers(proc.pid)

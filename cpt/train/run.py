@@ -185,6 +185,8 @@ def train_stage(
             f"{stage.batch.micro_batch_size}",
             f"stages.{stage.name}.batch",
         )
+    if isinstance(start_model, dict):  # a model from scratch is sized for its tokenizer unless told otherwise
+        start_model = {"config": {"vocab_size": len(plan.tokenizer), **start_model["config"]}}
     torch.manual_seed(recipe.seed + index)  # identical fresh weights on every rank
     model = build_model(start_model, trust_remote_code=stage.trust_remote_code)
     resize_for_tokenizer(model, plan.tokenizer)

@@ -1,4 +1,4 @@
-"""Run under the deepspeed launcher by tests/test_engine.py: ``ds_driver OUT_DIR TOKENIZER_DIR``.
+"""Run under a launcher by tests/test_engine.py: ``ds_driver OUT_DIR TOKENIZER_DIR [SETTING ...]``.
 
 For each ZeRO setting, on every rank: train 4 steps on a fixed per-rank batch, save a checkpoint
 and export the live model, train 2 more steps; then load the checkpoint into a fresh engine (other
@@ -34,7 +34,7 @@ def trainer_for(dist: DistributedConfig, tokenizer, seed: int):
     torch.manual_seed(seed)  # the same initial weights on every rank
     model = build_model(tiny.model_spec("llama"))
     resize_for_tokenizer(model, tokenizer)
-    return build_engine(model, dist, OptimizerConfig(), lambda t: 1e-2, micro_batch_size=2, grad_accum=2)
+    return build_engine(model, dist, OptimizerConfig(), lambda t: 1e-2 * (1 + t % 3), micro_batch_size=2, grad_accum=2)
 
 
 def weights_agree_across_ranks(trainer) -> bool:
@@ -47,24 +47,25 @@ def weights_agree_across_ranks(trainer) -> bool:
     return all(torch.equal(everyone[0], x) for x in everyone)
 
 
-def main(out: Path, tok_dir: Path) -> None:
+def main(out: Path, tok_dir: Path, names: list[str]) -> None:
     ctx = distributed_context()
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     data = tiny.blocks(tokenizer, 4, offset=4 * ctx.rank)  # each rank its own fixed batch
     batch = [data[:2], data[2:]]
     results = {}
-    for name, dist in SETTINGS.items():
+    for name in names:
+        dist = SETTINGS[name]
         trainer = trainer_for(dist, tokenizer, seed=0)
-        steps = [trainer.train_step(batch) for _ in range(4)]
+        steps = [trainer.train_step(batch, t) for t in range(4)]
         save(trainer, out / name / "ckpt", 4, {"step": 4, "tokens": [1, 2]}, tokenizer=tokenizer, keep=1)
         export_hf(trainer, tokenizer, out / name / "live-step-4")
-        continued = [trainer.train_step(batch).loss for _ in range(2)]
+        continued = [trainer.train_step(batch, t).loss for t in (4, 5)]
         original = gather_state_dict(trainer)
         agree = weights_agree_across_ranks(trainer)
 
         resumed_trainer = trainer_for(dist, tokenizer, seed=1)
         client_state = load(resumed_trainer, out / name / "ckpt" / "step-4")
-        resumed = [resumed_trainer.train_step(batch).loss for _ in range(2)]
+        resumed = [resumed_trainer.train_step(batch, t).loss for t in (4, 5)]
         again = gather_state_dict(resumed_trainer)
         if ctx.rank == 0:
             results[name] = {
@@ -82,4 +83,4 @@ def main(out: Path, tok_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:] or list(SETTINGS))

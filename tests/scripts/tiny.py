@@ -7,14 +7,15 @@ from pathlib import Path
 import torch
 
 EOS = "<|endoftext|>"
+VOCAB = 320
 
 # Two layers, hidden 32: real architectures, small enough to train on a CPU in milliseconds.
 ARCHS = {
     "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64),
-    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64),  # dropout 0.1: needs the RNG
+                  num_key_value_heads=2, max_position_embeddings=64, vocab_size=VOCAB),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=VOCAB),  # dropout 0.1: needs the RNG
     "qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True),
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, vocab_size=VOCAB),
 }
 
 
@@ -25,7 +26,7 @@ def corpus(chars: int = 40_000) -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))[:chars]
 
 
-def train_tokenizer(out_dir: Path, vocab_size: int = 320):
+def train_tokenizer(out_dir: Path, vocab_size: int = VOCAB):
     """A byte-level BPE tokenizer trained on :func:`corpus`, saved to ``out_dir`` and returned."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
