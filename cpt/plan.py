@@ -23,7 +23,7 @@ from cpt.data.sources import fingerprint, iter_documents
 from cpt.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 from cpt.errors import CptError
 from cpt.recipe import Recipe, Stage
-from cpt.train.schedules import lr_curve, validate_schedule
+from cpt.train.schedules import lr_curve
 
 
 @dataclass
@@ -77,10 +77,6 @@ def plan_recipe(recipe: Recipe) -> list[StagePlan]:
 def plan_stage(recipe: Recipe, stage: Stage, tokenizer: PreTrainedTokenizerFast, previous: StagePlan | None) -> StagePlan:
     where = f"stages.{stage.name}"
     steps = stage.total_steps
-    try:
-        validate_schedule(stage.schedule, steps)
-    except CptError as exc:
-        raise CptError(exc.message, f"{where}.{exc.where or 'schedule'}") from None
     known = recipe_domains_until(recipe, stage)
     seq_len = stage.seq_len
     cache = recipe.resolved_cache_dir() / "blocks"

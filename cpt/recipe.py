@@ -24,7 +24,7 @@ from cpt.data.tokenizer import TokenizerConfig
 from cpt.errors import CptError, CptErrors
 from cpt.schema import Strict
 from cpt.train.engine import DistributedConfig, OptimizerConfig
-from cpt.train.schedules import ScheduleConfig
+from cpt.train.schedules import ScheduleConfig, validate_schedule
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -335,6 +335,10 @@ def check_recipe(recipe: Recipe, *, check_files: bool = True) -> list[CptError]:
             errors.append(CptError("the stage defines no data domains of its own", f"{where}.data"))
         else:
             errors.extend(_mixture_problems(stage, previous_known, known, where))
+        try:
+            validate_schedule(stage.schedule, stage.total_steps)
+        except CptError as exc:
+            errors.append(CptError(exc.message, f"{where}.{exc.where or 'schedule'}"))
         if check_files:
             errors.extend(_file_problems(stage, where))
     return errors

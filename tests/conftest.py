@@ -31,7 +31,7 @@ stages:
       train: {{vocab_size: 512, max_documents: 60}}
     data:
       prose: {{source: "builtin:python-docs", heldout: 4, max_documents: 40}}
-    schedule: {{type: cosine, lr: 3.0e-3, warmup: 2}}
+    schedule: {{type: cosine, lr: 1.0e-2, warmup: 2}}
     steps: 12
     seq_len: 32
     batch: {{global_batch_size: 8, micro_batch_size: 4}}

@@ -102,3 +102,34 @@ def test_yaml_problems_through_the_console_script(tmp_path, text, expected):
     assert proc.stderr.startswith(f"error: {recipe}") and expected in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+TRAINER_FIELDS = {
+    "zero stage": ("distributed.zero_stage=5", "distributed.zero_stage:"),
+    "precision": ("distributed.precision=fp16", "distributed.precision:"),
+    "processes": ("distributed.num_processes=0", "distributed.num_processes:"),
+    "offload without zero": ("distributed.offload_optimizer=true", "distributed:"),
+    "betas": ("stages.cpt.optimizer.betas=[1.2, 0.9]", "stages.cpt.optimizer:"),
+    "weight decay": ("stages.cpt.optimizer.weight_decay=-1", "stages.cpt.optimizer.weight_decay:"),
+    "clip": ("stages.cpt.optimizer.grad_clip=.nan", "stages.cpt.optimizer.grad_clip:"),
+    "checkpoint every": ("stages.cpt.checkpoint.every=0", "stages.cpt.checkpoint.every:"),
+    "keep": ("stages.cpt.checkpoint.keep=-2", "stages.cpt.checkpoint.keep:"),
+    "lr": ("stages.cpt.schedule.lr=-1", "stages.cpt.schedule.lr:"),
+    "warmup fraction": ("stages.cpt.schedule.warmup=1.5", "stages.cpt.schedule.warmup:"),
+    "decay type": ("stages.cpt.schedule.decay_type=quadratic", "stages.cpt.schedule.decay_type:"),
+    "schedule too long": ("stages.cpt.schedule.warmup=10", "stages.cpt.schedule"),
+    "infinite const above peak": (
+        "stages.cpt.schedule={type: infinite, lr: 1.0e-3, const_lr: 2.0e-3, min_lr: 1.0e-4}", "stages.cpt.schedule"),
+    "micro batch": ("stages.cpt.batch.micro_batch_size=3", "stages.cpt:"),
+    "max_nonfinite": ("stages.cpt.optimizer.max_nonfinite=-1", "stages.cpt.optimizer.max_nonfinite:"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAINER_FIELDS))
+def test_bad_trainer_fields(capsys, tiny_recipe, case):
+    override, expected = TRAINER_FIELDS[case]
+    code, out, err = run_cli(capsys, "validate", tiny_recipe, "--set", override)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert lines and all(line.startswith(f"error: {tiny_recipe}: ") for line in lines), err
+    assert any(expected in line for line in lines), err

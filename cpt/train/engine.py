@@ -66,12 +66,14 @@ class OptimizerConfig(Strict):
 @dataclass(frozen=True)
 class StepResult:
     """One optimizer step. ``loss`` is the mean over micro-batches and ranks; ``grad_norm`` is the
-    global norm before clipping (None when the step was skipped)."""
+    global norm before clipping (None when the step was skipped); ``group_losses`` the mean loss
+    of each group of sequences (None for a group absent from the batch)."""
 
     loss: float
     grad_norm: float | None
     lr: float
     skipped: bool
+    group_losses: tuple[float | None, ...] = ()
 
 
 def accelerator_env(env: MutableMapping[str, str]) -> MutableMapping[str, str]:
@@ -212,27 +214,37 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
-    def train_step(self, micro_batches: Sequence[torch.Tensor], step: int) -> StepResult:
+    def train_step(
+        self, micro_batches: Sequence[torch.Tensor], step: int, groups: Sequence[torch.Tensor] | None = None,
+        n_groups: int = 0,
+    ) -> StepResult:
         """Forward and backward each ``(micro, seq_len)`` block of token ids, then update once with
         lr ``lr_fn(step)``.
 
         The model predicts every next token of its input (labels are the inputs; Hugging Face
-        shifts them). Raises :class:`CptError` once more than ``max_nonfinite`` steps had a
+        shifts them). ``groups`` (one int tensor per micro-batch, values < ``n_groups``) labels
+        each sequence, e.g. with its data domain; the result then carries the mean loss of each
+        group over all ranks. Raises :class:`CptError` once more than ``max_nonfinite`` steps had a
         non-finite loss; the model is then still the last good one.
         """
         engine = self.engine
         if len(micro_batches) != engine.gradient_accumulation_steps():
             raise ValueError(f"expected {engine.gradient_accumulation_steps()} micro-batches, got {len(micro_batches)}")
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        # one reduction for everything: [total loss, per-group loss sums, per-group sequence counts]
+        sums = torch.zeros(1 + 2 * n_groups, dtype=torch.float64, device=self.device)
         for i, ids in enumerate(micro_batches):
             ids = ids.to(self.device)
-            loss = engine(input_ids=ids, labels=ids).loss
-            engine.backward(loss)
-            total += loss.detach().double()
+            out = engine(input_ids=ids, labels=ids)
+            engine.backward(out.loss)
+            sums[0] += out.loss.detach().double()
+            if groups is not None:
+                _add_group_losses(sums[1:], out.logits.detach(), ids, groups[i].to(self.device), n_groups)
             if i < len(micro_batches) - 1:
                 engine.step()  # a no-op between accumulation boundaries, but DeepSpeed counts micro-steps
-        torch.distributed.all_reduce(total)  # every rank sees the same loss, so every rank takes the same branch
-        mean = total.item() / (len(micro_batches) * self.world_size)
+        torch.distributed.all_reduce(sums)  # every rank sees the same loss, so every rank takes the same branch
+        mean = sums[0].item() / (len(micro_batches) * self.world_size)
+        group_sums, group_counts = sums[1 : 1 + n_groups].tolist(), sums[1 + n_groups :].tolist()
+        group_losses = tuple(s / c if c else None for s, c in zip(group_sums, group_counts))
         lr = float(self.lr_fn(step))
         # DeepSpeed's ZeRO and bf16 wrappers measure the norm (and skip a non-finite one) themselves;
         # on the plain fp32 path the gradients are already all-reduced here, so every rank agrees.
@@ -253,11 +265,21 @@ class Trainer:
                     f"{self.max_nonfinite}; the last checkpoint holds the last good weights (try a lower lr)",
                     where="train",
                 )
-            return StepResult(loss=mean, grad_norm=None, lr=lr, skipped=True)
+            return StepResult(loss=mean, grad_norm=None, lr=lr, skipped=True, group_losses=group_losses)
         self.updates += 1
         if grad_norm is None:
             grad_norm = float(engine.get_global_grad_norm())
-        return StepResult(loss=mean, grad_norm=grad_norm, lr=lr, skipped=False)
+        return StepResult(loss=mean, grad_norm=grad_norm, lr=lr, skipped=False, group_losses=group_losses)
+
+
+def _add_group_losses(out: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, groups: torch.Tensor, n: int) -> None:
+    """Add each sequence's mean next-token loss to its group's sum (out[:n]) and count (out[n:])."""
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
+    )
+    per_sequence = per_token.view(ids.shape[0], -1).mean(dim=1).double()
+    out[:n].index_add_(0, groups, per_sequence)
+    out[n:].index_add_(0, groups, torch.ones_like(per_sequence))
 
 
 def _grad_norm(model: torch.nn.Module) -> float:

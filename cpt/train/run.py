@@ -228,8 +228,12 @@ def train_stage(
     seq_len = stage.seq_len
     try:
         for step in range(start, steps):
-            ids = _gather(plan, sampler.next_step())
-            result = trainer.train_step(list(ids.split(stage.batch.micro_batch_size)), step)
+            rows = sampler.next_step()
+            micro = stage.batch.micro_batch_size
+            result = trainer.train_step(
+                list(_gather(plan, rows).split(micro)), step,
+                groups=list(torch.from_numpy(rows[:, 0]).split(micro)), n_groups=len(plan.domains),
+            )
             done = step + 1
             if done % stage.log_every == 0 or done == steps or result.skipped:
                 realized = sampler.realized_blocks() * seq_len
@@ -241,6 +245,7 @@ def train_stage(
                         "loss": result.loss,
                         "grad_norm": result.grad_norm,
                         "skipped": trainer.nonfinite,
+                        **{f"loss/{d}": loss for d, loss in zip(plan.domains, result.group_losses) if loss is not None},
                         **{f"tokens/{d}": int(n) for d, n in zip(plan.domains, realized)},
                     }
                 )

@@ -1,0 +1,117 @@
+"""Decay branches (`cpt anneal`), WSD-S releases, and a two-process ZeRO-3 run that resumes after kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from cpt.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def cpt(*argv):
+    return subprocess.run([sys.executable, "-m", "cpt.cli", *map(str, argv)], capture_output=True, text=True,
+                          timeout=900)
+
+
+def tree_bytes(root: Path) -> dict:
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def wsd_run(tmp_path_factory):
+    from conftest import TINY_RECIPE
+
+    tmp = tmp_path_factory.mktemp("wsd")
+    recipe = tmp / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE.format(out=tmp / "run"))
+    proc = cpt("run", recipe, "--set", "stages.cpt.schedule={type: wsd, lr: 2.0e-3, warmup: 2, decay: 0}",
+               "--set", "stages.cpt.checkpoint.keep=3")
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "run"
+
+
+def test_anneal_branch_continues_a_checkpoint_and_leaves_the_main_branch_alone(wsd_run):
+    main_stage = wsd_run / "cpt"
+    before = tree_bytes(main_stage)
+    proc = cpt("anneal", main_stage, "--from", "step-8", "--steps", "4",
+               "--set", "mixture={weights: {code: 0.5, prose: 0.5}}")
+    assert proc.returncode == 0, proc.stderr
+    assert tree_bytes(main_stage / "checkpoints") == {
+        k.relative_to("checkpoints"): v for k, v in before.items() if k.parts[0] == "checkpoints"
+    }
+    assert (main_stage / "metrics.jsonl").read_bytes() == before[Path("metrics.jsonl")]
+    branch = main_stage / "anneal-step-8"
+    records = read_metrics(branch / "metrics.jsonl")
+    lrs = [r["lr"] for r in records]
+    main_records = read_metrics(main_stage / "metrics.jsonl")
+    assert lrs[0] == pytest.approx(main_records[8]["lr"])  # decays from where the main branch was
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.5 * lrs[0]
+    assert records[-1]["tokens/code"] == records[-1]["tokens/prose"]  # the branch's own mixture: upsampled prose
+    # it continues the checkpoint: its first loss is the main branch's loss level, not a fresh model's
+    assert abs(records[0]["loss"] - main_records[8]["loss"]) < 0.5
+    AutoModelForCausalLM.from_pretrained(branch / "final")
+    again = cpt("anneal", main_stage, "--from", "step-8", "--steps", "4")
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_anneal_of_a_missing_checkpoint_is_a_clear_error(wsd_run):
+    proc = cpt("anneal", wsd_run / "cpt", "--from", "step-5", "--steps", "4")
+    assert proc.returncode == 2 and "not a complete cpt checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_export_of_an_intermediate_checkpoint(wsd_run, tmp_path):
+    proc = cpt("export", wsd_run / "cpt" / "checkpoints" / "step-8", tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.model_type == "llama"
+    again = cpt("export", wsd_run / "cpt" / "checkpoints" / "step-8", tmp_path / "hf")
+    assert again.returncode == 2
+
+
+def test_wsd_s_exports_a_release_at_every_period_end(tiny_recipe):
+    proc = cpt("run", tiny_recipe, "--set", "stages.pretrain.steps=4",
+               "--set", "stages.cpt.schedule={type: wsd-s, lr: 2.0e-3, warmup: 1, period: 4, decay: 0.5}")
+    assert proc.returncode == 0, proc.stderr
+    run = tiny_recipe.parent / "run"
+    assert sorted(p.name for p in (run / "cpt" / "releases").iterdir()) == ["step-4", "step-8"]
+    lrs = [r["lr"] for r in read_metrics(run / "cpt" / "metrics.jsonl")]
+    assert lrs[4] == pytest.approx(2.0e-3) and lrs[3] < lrs[4]  # restart at peak, no re-warmup
+
+
+def _kill_group(proc):
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_two_process_zero3_run_resumes_after_kill_9(tiny_recipe, tmp_path):
+    settings = ["--set", "distributed={zero_stage: 3, num_processes: 2}", "--set", "stages.pretrain.steps=4"]
+    ref = tmp_path / "ref"
+    proc = cpt("run", tiny_recipe, "--output-dir", ref, *settings)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "killed"
+    runner = subprocess.Popen([sys.executable, "-m", "cpt.cli", "run", str(tiny_recipe), "--output-dir", str(out),
+                               *settings], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = out / "cpt" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
+        assert runner.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    _kill_group(runner)
+    proc = cpt("run", tiny_recipe, "--output-dir", out, "--resume", *settings)
+    assert proc.returncode == 0, proc.stderr
+    mine = [r["loss"] for r in read_metrics(metrics)]
+    theirs = [r["loss"] for r in read_metrics(ref / "cpt" / "metrics.jsonl")]
+    assert mine == pytest.approx(theirs, abs=1e-6)
+    a, b = load_file(out / "cpt" / "final" / "model.safetensors"), load_file(ref / "cpt" / "final" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert json.loads((out / "cpt" / "checkpoints" / "step-12" / "cpt_checkpoint.json").read_text())["world_size"] == 2
