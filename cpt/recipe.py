@@ -13,10 +13,10 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from cpt.data.mixture import MixtureConfig, weight_matrix
 from cpt.data.sources import DomainConfig, check_domain
@@ -27,6 +27,16 @@ from cpt.train.engine import DistributedConfig, OptimizerConfig
 from cpt.train.schedules import ScheduleConfig, validate_schedule
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _check_name(value: str) -> str:
+    if not STAGE_NAME.match(value):
+        raise ValueError("must start with a letter or digit and use only letters, digits, '_', '.', '-'")
+    return value
+
+
+# Names of recipes and stages become directory names.
+Name = Annotated[str, AfterValidator(_check_name)]
 
 
 class ModelConfig(Strict):
@@ -62,7 +72,7 @@ class CheckpointConfig(Strict):
 
 
 class Stage(Strict):
-    name: str
+    name: Name
     model: ModelConfig | None = None
     trust_remote_code: bool = False
     tokenizer: TokenizerConfig | None = None
@@ -76,18 +86,6 @@ class Stage(Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log_every: int = Field(default=1, gt=0)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not STAGE_NAME.match(value):
-            raise ValueError("must start with a letter or digit and use only letters, digits, '_', '.', '-'")
-        return value
-
-    @field_validator("tokenizer", mode="before")
-    @classmethod
-    def _tokenizer_path(cls, value: Any) -> Any:
-        return {"path": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _budget(self) -> Stage:
@@ -113,20 +111,13 @@ class Stage(Strict):
 
 
 class Recipe(Strict):
-    name: str
+    name: Name
     output_dir: str | None = None
     seed: int = 0
     cache_dir: str | None = None
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     tensorboard: bool = False
     stages: list[Stage] = Field(min_length=1)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not STAGE_NAME.match(value):
-            raise ValueError("must start with a letter or digit and use only letters, digits, '_', '.', '-'")
-        return value
 
     @model_validator(mode="after")
     def _defaults(self) -> Recipe:

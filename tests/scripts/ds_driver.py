@@ -34,7 +34,7 @@ def trainer_for(dist: DistributedConfig, tokenizer, seed: int):
     torch.manual_seed(seed)  # the same initial weights on every rank
     model = build_model(tiny.model_spec("llama"))
     resize_for_tokenizer(model, tokenizer)
-    return build_engine(model, dist, OptimizerConfig(), lambda t: 1e-2 * (1 + t % 3), micro_batch_size=2, grad_accum=2)
+    return build_engine(model, dist, OptimizerConfig(), lambda t: 5e-3 * (1 + t % 3), micro_batch_size=2, grad_accum=2)
 
 
 def weights_agree_across_ranks(trainer) -> bool:

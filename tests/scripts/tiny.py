@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-EOS = "<|endoftext|>"
 VOCAB = 320
 
 # Two layers, hidden 32: real architectures, small enough to train on a CPU in milliseconds.
@@ -27,19 +26,10 @@ def corpus(chars: int = 40_000) -> str:
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int = VOCAB):
-    """A byte-level BPE tokenizer trained on :func:`corpus`, saved to ``out_dir`` and returned."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """cpt's own byte-level BPE, trained on :func:`corpus`, saved to ``out_dir`` and returned."""
+    from cpt.data.tokenizer import TrainTokenizerConfig, train_tokenizer as train
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(corpus().split("\n\n"), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
-    fast.save_pretrained(out_dir)
-    return fast
+    return train(TrainTokenizerConfig(vocab_size=vocab_size), corpus().split("\n\n"), Path(out_dir))
 
 
 def model_spec(arch: str) -> dict:
