@@ -232,9 +232,13 @@ class Trainer:
             raise ValueError(f"expected {engine.gradient_accumulation_steps()} micro-batches, got {len(micro_batches)}")
         # one reduction for everything: [total loss, per-group loss sums, per-group sequence counts]
         sums = torch.zeros(1 + 2 * n_groups, dtype=torch.float64, device=self.device)
+        # Without ZeRO the engine's forward wrapper only adds per-step bookkeeping (it hooks the
+        # logits' gradient); the module itself is what runs, and engine.backward still scales
+        # for accumulation and reduces across ranks. ZeRO stages need the wrapper.
+        forward = engine.module if self.zero_stage == 0 else engine
         for i, ids in enumerate(micro_batches):
             ids = ids.to(self.device)
-            out = engine(input_ids=ids, labels=ids)
+            out = forward(input_ids=ids, labels=ids)
             engine.backward(out.loss)
             sums[0] += out.loss.detach().double()
             if groups is not None:
