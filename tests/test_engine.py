@@ -292,3 +292,21 @@ def test_relaunch_starts_n_processes_and_passes_sigterm_to_them(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ready-0", "ready-1", "stopped-0", "stopped-1"]
     assert [(tmp_path / f"ready-{r}").read_text() for r in (0, 1)] == ["2", "2"]
     assert [(tmp_path / f"stopped-{r}").read_text() for r in (0, 1)] == ["1", "1"]
+
+
+def test_group_losses_split_the_step_loss_by_sequence_label(tokenizer):
+    """Per-domain losses are each sequence's own loss, and the same update as the unlabelled path."""
+    data = tiny.blocks(tokenizer, 4)
+    labelled = build_engine(fresh_model(tokenizer), DistributedConfig(), OptimizerConfig(), lr_fn, 2, 2)
+    plain = build_engine(fresh_model(tokenizer), DistributedConfig(), OptimizerConfig(), lr_fn, 2, 2)
+    with torch.no_grad():
+        alone = [labelled.module(input_ids=data[i : i + 1], labels=data[i : i + 1]).loss.item() for i in range(4)]
+    groups = [torch.tensor([0, 2]), torch.tensor([2, 2])]
+    result = labelled.train_step([data[:2], data[2:]], 0, groups=groups, n_groups=3)
+    reference = plain.train_step([data[:2], data[2:]], 0)
+    assert result.group_losses[0] == pytest.approx(alone[0], rel=1e-5)
+    assert result.group_losses[1] is None  # no sequence of group 1 in this batch
+    assert result.group_losses[2] == pytest.approx(sum(alone[1:]) / 3, rel=1e-5)
+    assert result.loss == pytest.approx(reference.loss, rel=1e-5)
+    for a, b in zip(labelled.module.parameters(), plain.module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -238,11 +238,14 @@ class Trainer:
         forward = engine.module if self.zero_stage == 0 else engine
         for i, ids in enumerate(micro_batches):
             ids = ids.to(self.device)
-            out = forward(input_ids=ids, labels=ids)
-            engine.backward(out.loss)
-            sums[0] += out.loss.detach().double()
-            if groups is not None:
-                _add_group_losses(sums[1:], out.logits.detach(), ids, groups[i].to(self.device), n_groups)
+            if groups is None:
+                loss = forward(input_ids=ids, labels=ids).loss
+            else:  # one cross-entropy gives both the loss and each sequence's share of it
+                per_token = _next_token_losses(forward(input_ids=ids).logits, ids)
+                loss = per_token.mean()
+                _add_group_losses(sums[1:], per_token.detach(), groups[i].to(self.device), n_groups)
+            engine.backward(loss)
+            sums[0] += loss.detach().double()
             if i < len(micro_batches) - 1:
                 engine.step()  # a no-op between accumulation boundaries, but DeepSpeed counts micro-steps
         torch.distributed.all_reduce(sums)  # every rank sees the same loss, so every rank takes the same branch
@@ -276,12 +279,15 @@ class Trainer:
         return StepResult(loss=mean, grad_norm=grad_norm, lr=lr, skipped=False, group_losses=group_losses)
 
 
-def _add_group_losses(out: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, groups: torch.Tensor, n: int) -> None:
-    """Add each sequence's mean next-token loss to its group's sum (out[:n]) and count (out[n:])."""
-    per_token = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
-    )
-    per_sequence = per_token.view(ids.shape[0], -1).mean(dim=1).double()
+def _next_token_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(batch, seq_len - 1) losses of predicting each next token, computed in fp32."""
+    flat = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+    return flat.view(ids.shape[0], -1)
+
+
+def _add_group_losses(out: torch.Tensor, per_token: torch.Tensor, groups: torch.Tensor, n: int) -> None:
+    """Add each sequence's mean loss to its group's sum (out[:n]) and count (out[n:])."""
+    per_sequence = per_token.mean(dim=1).double()
     out[:n].index_add_(0, groups, per_sequence)
     out[n:].index_add_(0, groups, torch.ones_like(per_sequence))
 

@@ -29,7 +29,7 @@ from cpt.errors import CptError
 from cpt.plan import StagePlan, plan_recipe
 from cpt.recipe import Recipe, dump_recipe
 from cpt.train import checkpoint
-from cpt.train.engine import Trainer, build_engine, init_distributed
+from cpt.train.engine import build_engine, init_distributed
 from cpt.train.export import export_hf
 from cpt.train.launch import distributed_context, needs_launch, relaunch_under_deepspeed
 from cpt.train.metrics import MetricsLog
