@@ -99,25 +99,26 @@ def test_resume_with_a_different_recipe_is_refused(reference, capsys):
     assert "differs from the one this run was started with" in capsys.readouterr().err
 
 
-def _wait_for(path: Path, predicate, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if path.exists() and predicate(path):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.stderr.read() if proc.stderr else ''}")
+def _start_until(recipe: Path, out: Path, stage: str, lines: int) -> subprocess.Popen:
+    """Start `cpt run` in the background and return once ``stage`` has logged ``lines`` steps."""
+    log = open(out.with_suffix(".log"), "w+")  # a file, not a pipe: a full pipe would stall the run
+    proc = subprocess.Popen([sys.executable, "-m", "cpt.cli", "run", str(recipe), "--output-dir", str(out)],
+                            stderr=log, text=True)
+    metrics = out / stage / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= lines):
+        if proc.poll() is not None or time.time() > deadline:
+            log.seek(0)
+            raise AssertionError(f"the run ended or stalled before it could be interrupted: {log.read()[-2000:]}")
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {path}")
+    return proc
 
 
 def test_kill_9_then_resume_is_bitwise_identical(reference, tmp_path):
     recipe, ref = reference
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "cpt.cli", "run", str(recipe), "--output-dir", str(out)],
-                            stderr=subprocess.PIPE, text=True)
     # kill in the middle of the second stage, after at least one checkpoint of it
-    metrics = out / "cpt" / "metrics.jsonl"
-    _wait_for(metrics, lambda p: len(p.read_text().splitlines()) >= 6, proc)
+    proc = _start_until(recipe, out, "cpt", 6)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "cpt" / "final").exists()
@@ -132,12 +133,11 @@ def test_kill_9_then_resume_is_bitwise_identical(reference, tmp_path):
 def test_sigterm_checkpoints_and_exits_cleanly(reference, tmp_path):
     recipe, ref = reference
     out = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "cpt.cli", "run", str(recipe), "--output-dir", str(out)],
-                            stderr=subprocess.PIPE, text=True)
+    proc = _start_until(recipe, out, "pretrain", 2)
     metrics = out / "pretrain" / "metrics.jsonl"
-    _wait_for(metrics, lambda p: len(p.read_text().splitlines()) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
-    err = proc.communicate(timeout=300)[1]
+    proc.wait(timeout=300)
+    err = out.with_suffix(".log").read_text()
     assert proc.returncode == 0, err
     assert "--resume" in err
     steps = [int(p.name.split("-")[1]) for p in (out / "pretrain" / "checkpoints").glob("step-*")]
