@@ -109,7 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cpt.train.run import RunOptions, run
 
     recipe = load_recipe(args.recipe, args.overrides)
-    opts = RunOptions(args.output_dir or Path(recipe.output_dir), resume=args.resume, overwrite=args.overwrite)
+    opts = RunOptions(args.output_dir or Path(recipe.output_dir), resume=args.resume, overwrite=args.overwrite,
+                      argv=tuple(args.argv))
     return run(recipe, opts, args.argv)
 
 

@@ -87,7 +87,8 @@ def plan_stage(recipe: Recipe, stage: Stage, tokenizer: PreTrainedTokenizerFast,
         except CptError as exc:
             raise CptError(exc.message, f"{where}.data.{name}") from None
 
-    train_tokens = {name: len(blocks_of(name)) * seq_len for name in stage.data}
+    own_blocks = {name: blocks_of(name) for name in stage.data}
+    train_tokens = {name: len(blocks) * seq_len for name, blocks in own_blocks.items()}
     replay_shares = None
     if previous is not None:
         shares = previous.planned_blocks().astype(float)
@@ -98,7 +99,7 @@ def plan_stage(recipe: Recipe, stage: Stage, tokenizer: PreTrainedTokenizerFast,
         )
     except CptError as exc:
         raise CptError(exc.message, f"{where}.{exc.where or 'mixture'}") from None
-    blocks = {name: blocks_of(name) for name in domains}
+    blocks = {name: own_blocks[name] if name in own_blocks else blocks_of(name) for name in domains}
     caps = {name: known[name].max_epochs for name in domains if known[name].max_epochs is not None}
     try:
         weights = cap_epochs(weights, stage.batch.global_batch_size, {d: len(blocks[d]) for d in domains}, caps)

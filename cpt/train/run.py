@@ -45,6 +45,7 @@ class RunOptions:
     output_dir: Path
     resume: bool = False
     overwrite: bool = False
+    argv: tuple[str, ...] = ()  # the command's arguments, to tell the user how to resume
 
 
 def prepare_output_dir(recipe: Recipe, opts: RunOptions) -> None:
@@ -143,7 +144,7 @@ def train(recipe: Recipe, plans: list[StagePlan], opts: RunOptions) -> int:
                 if not finished:
                     if ctx.is_main:
                         print(
-                            f"stopped after a checkpoint; continue with: cpt {' '.join(_resume_argv())}",
+                            f"stopped after a checkpoint; continue with: cpt {' '.join(_resume_argv(opts.argv))}",
                             file=sys.stderr,
                         )
                     return 0
@@ -275,6 +276,5 @@ def _gather(plan: StagePlan, rows: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _resume_argv() -> list[str]:
-    argv = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
-    return argv + ["--resume"]
+def _resume_argv(argv: tuple[str, ...]) -> list[str]:
+    return [a for a in argv if a not in ("--resume", "--overwrite")] + ["--resume"]
