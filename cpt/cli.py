@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from cpt.errors import CptError, CptErrors
+from cpt.eval.command import add_eval_parser, cmd_eval
+from cpt.report import add_report_parsers, cmd_compare, cmd_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +53,39 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="Convert a training checkpoint into a Hugging Face model directory.")
     export.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR", help="e.g. runs/x/cpt/checkpoints/step-100")
     export.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="new directory for the HF model")
+
+    add_eval_parser(commands)
+    add_report_parsers(commands)
+
+    sweep = recipe_command("sweep", "Run one stage at several domain ratios and tabulate losses per token budget.")
+    sweep.add_argument("--stage", required=True, metavar="NAME", help="the stage to sweep (it needs an earlier stage)")
+    sweep.add_argument("--ratios", required=True, type=_numbers(float), metavar="R1,R2,...",
+                       help="shares of the stage's own domains, e.g. 0,0.1,0.25,0.5,0.75,1")
+    sweep.add_argument("--tokens", type=_numbers(int), metavar="T1,T2,...",
+                       help="token budgets to evaluate at (default: the stage's length and evaluation steps)")
+    sweep.add_argument("--output-dir", type=Path, help="sweep directory (default: beside the recipe's output_dir)")
+    sweep.add_argument("--keep-schedule", action="store_true",
+                       help="train with the stage's schedule instead of a constant lr after its warmup")
     return parser
+
+
+def _numbers(kind):
+    """An argparse type for comma-separated numbers (1e6 allowed for integers)."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [float(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        if kind is int:
+            if any(v != int(v) or v <= 0 for v in values):
+                raise argparse.ArgumentTypeError(f"expected positive whole numbers, got {text!r}")
+            values = [int(v) for v in values]
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one number")
+        return values
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +167,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "run": cmd_run, "anneal": cmd_anneal, "export": cmd_export}
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cpt.sweep import run_sweep
+
+    table = run_sweep(args.recipe, args.overrides, args.stage, args.ratios, args.tokens, args.output_dir,
+                      keep_schedule=args.keep_schedule)
+    print(f"wrote {table}")
+    return 0
+
+
+COMMANDS = {
+    "validate": cmd_validate, "plan": cmd_plan, "run": cmd_run, "anneal": cmd_anneal, "export": cmd_export,
+    "eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report, "compare": cmd_compare,
+}
 
 
 if __name__ == "__main__":

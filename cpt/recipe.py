@@ -22,7 +22,9 @@ from cpt.data.mixture import MixtureConfig, weight_matrix
 from cpt.data.sources import DomainConfig, check_domain
 from cpt.data.tokenizer import TokenizerConfig
 from cpt.errors import CptError, CptErrors
+from cpt.eval.config import EvaluationConfig
 from cpt.schema import Strict
+from cpt.train.ema import EmaConfig
 from cpt.train.engine import DistributedConfig, OptimizerConfig
 from cpt.train.schedules import ScheduleConfig, validate_schedule
 
@@ -86,6 +88,8 @@ class Stage(Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log_every: int = Field(default=1, gt=0)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    ema: EmaConfig | None = None
 
     @model_validator(mode="after")
     def _budget(self) -> Stage:
@@ -366,6 +370,6 @@ def _file_problems(stage: Stage, where: str) -> list[CptError]:
 
 def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML: what a run writes beside its results."""
-    data = recipe.model_dump(mode="json", exclude_none=True)
+    data = recipe.model_dump(mode="json")
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 

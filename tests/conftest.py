@@ -36,6 +36,7 @@ stages:
     seq_len: 32
     batch: {{global_batch_size: 8, micro_batch_size: 4}}
     checkpoint: {{every: 4, keep: 2}}
+    evaluation: {{every: 4, max_tokens_per_domain: 512, harness: {{limit: 12}}}}
   - name: cpt
     data:
       code: {{source: "builtin:python-stdlib", heldout: 4, max_documents: 40}}
@@ -45,6 +46,7 @@ stages:
     seq_len: 32
     batch: {{global_batch_size: 8, micro_batch_size: 4}}
     checkpoint: {{every: 4, keep: 2}}
+    evaluation: {{every: 4, max_tokens_per_domain: 512, harness: {{limit: 12}}}}
 """
 
 

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from cpt.train.metrics import read_metrics
+from cpt.train.metrics import read_metrics, train_records
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +50,9 @@ def test_anneal_branch_continues_a_checkpoint_and_leaves_the_main_branch_alone(w
     }
     assert (main_stage / "metrics.jsonl").read_bytes() == before[Path("metrics.jsonl")]
     branch = main_stage / "anneal-step-8"
-    records = read_metrics(branch / "metrics.jsonl")
+    records = train_records(read_metrics(branch / "metrics.jsonl"))
     lrs = [r["lr"] for r in records]
-    main_records = read_metrics(main_stage / "metrics.jsonl")
+    main_records = train_records(read_metrics(main_stage / "metrics.jsonl"))
     assert lrs[0] == pytest.approx(main_records[8]["lr"])  # decays from where the main branch was
     assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.5 * lrs[0]
     assert records[-1]["tokens/code"] == records[-1]["tokens/prose"]  # the branch's own mixture: upsampled prose
@@ -83,7 +83,7 @@ def test_wsd_s_exports_a_release_at_every_period_end(tiny_recipe):
     assert proc.returncode == 0, proc.stderr
     run = tiny_recipe.parent / "run"
     assert sorted(p.name for p in (run / "cpt" / "releases").iterdir()) == ["step-4", "step-8"]
-    lrs = [r["lr"] for r in read_metrics(run / "cpt" / "metrics.jsonl")]
+    lrs = [r["lr"] for r in train_records(read_metrics(run / "cpt" / "metrics.jsonl"))]
     assert lrs[4] == pytest.approx(2.0e-3) and lrs[3] < lrs[4]  # restart at peak, no re-warmup
 
 
@@ -108,8 +108,8 @@ def test_two_process_zero3_run_resumes_after_kill_9(tiny_recipe, tmp_path):
     _kill_group(runner)
     proc = cpt("run", tiny_recipe, "--output-dir", out, "--resume", *settings)
     assert proc.returncode == 0, proc.stderr
-    mine = [r["loss"] for r in read_metrics(metrics)]
-    theirs = [r["loss"] for r in read_metrics(ref / "cpt" / "metrics.jsonl")]
+    mine = [r["loss"] for r in train_records(read_metrics(metrics))]
+    theirs = [r["loss"] for r in train_records(read_metrics(ref / "cpt" / "metrics.jsonl"))]
     assert mine == pytest.approx(theirs, abs=1e-6)
     a, b = load_file(out / "cpt" / "final" / "model.safetensors"), load_file(ref / "cpt" / "final" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cpt.cli import main
-from cpt.train.metrics import read_metrics
+from cpt.train.metrics import read_metrics, train_records
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def weights(run_dir: Path, stage: str) -> dict:
 
 
 def losses(run_dir: Path, stage: str) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir / stage / "metrics.jsonl")]
+    return [r["loss"] for r in train_records(read_metrics(run_dir / stage / "metrics.jsonl"))]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_run_layout_metrics_and_chaining(reference):
     recipe, run = reference
     assert (run / "recipe.yaml").is_file()
     for stage in ("pretrain", "cpt"):
-        records = read_metrics(run / stage / "metrics.jsonl")
+        records = train_records(read_metrics(run / stage / "metrics.jsonl"))
         assert [r["step"] for r in records] == list(range(12))
         for r in records:
             assert {"step", "tokens", "lr", "loss"} <= set(r)
@@ -62,9 +62,9 @@ def test_run_layout_metrics_and_chaining(reference):
         tokenizer = AutoTokenizer.from_pretrained(final)
         assert model.config.vocab_size >= len(tokenizer)
         assert sorted(p.name for p in (run / stage / "checkpoints").iterdir()) == ["step-12", "step-8"]  # keep: 2
-    pre = read_metrics(run / "pretrain" / "metrics.jsonl")
+    pre = train_records(read_metrics(run / "pretrain" / "metrics.jsonl"))
     assert pre[-1]["loss"] < pre[0]["loss"] - 0.5
-    cpt_records = read_metrics(run / "cpt" / "metrics.jsonl")
+    cpt_records = train_records(read_metrics(run / "cpt" / "metrics.jsonl"))
     # replay 0.25: the realized prose tokens stay within one block (32 tokens) of the plan at every step
     for r in cpt_records:
         assert abs(r["tokens/prose"] - 0.25 * r["tokens"]) <= 32
@@ -141,7 +141,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(reference, tmp_path):
     assert proc.returncode == 0, err
     assert "--resume" in err
     steps = [int(p.name.split("-")[1]) for p in (out / "pretrain" / "checkpoints").glob("step-*")]
-    stopped_at = len(read_metrics(metrics))
+    stopped_at = len(train_records(read_metrics(metrics)))
     assert stopped_at < 12 and max(steps) == stopped_at  # saved right after the step it finished
     done = cpt("run", recipe, "--output-dir", out, "--resume")
     assert done.returncode == 0, done.stderr

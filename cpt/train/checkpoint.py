@@ -5,6 +5,7 @@ Layout of ``<root>/step-<N>/`` (N the plain optimizer-step number of the run):
 - ``latest``, ``global_step<N>/`` and, under ZeRO, ``zero_to_fp32.py``: what
   ``engine.save_checkpoint`` writes, so DeepSpeed's tools work on it (``python zero_to_fp32.py . out/``).
 - ``rng/rank-<r>.json``: each rank's Python, NumPy and torch generator states.
+- ``tensors/rank-<r>.safetensors``: each rank's own extra tensors (e.g. its part of an EMA), if any.
 - ``hf/``: the model's Hugging Face config and the tokenizer, so the checkpoint exports alone.
 - ``cpt_checkpoint.json``: written last; a directory without it is not a checkpoint.
 
@@ -47,11 +48,15 @@ def _tag(step: int) -> str:
     return f"global_step{step}"
 
 
-def save(trainer: Trainer, root: Path, step: int, client_state: dict[str, Any], *, tokenizer: PreTrainedTokenizerBase, keep: int | None = None) -> Path:
+def save(
+    trainer: Trainer, root: Path, step: int, client_state: dict[str, Any], *, tokenizer: PreTrainedTokenizerBase,
+    keep: int | None = None, rank_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Save a checkpoint of ``trainer`` after ``step`` (every rank calls this); keep the last ``keep``.
 
     ``client_state`` is the caller's resumable state (data position, step, ...); it must be
-    picklable and is returned by :func:`load`. Refuses (CptError) when a weight is non-finite.
+    picklable and is returned by :func:`load`. ``rank_tensors`` are this rank's own tensors,
+    read back by :func:`load_rank_tensors`. Refuses (CptError) when a weight is non-finite.
     """
     if keep is not None and keep < 1:
         raise ValueError("keep must be at least 1")
@@ -67,6 +72,11 @@ def save(trainer: Trainer, root: Path, step: int, client_state: dict[str, Any], 
     trainer.engine.save_checkpoint(str(tmp), tag=_tag(step), client_state={_CLIENT_KEY: client_state})
     (tmp / "rng").mkdir(exist_ok=True)
     _write_json(tmp / "rng" / f"rank-{trainer.rank}.json", _rng_state())
+    if rank_tensors is not None:
+        from safetensors.torch import save_file
+
+        (tmp / "tensors").mkdir(exist_ok=True)
+        save_file({k: v.contiguous() for k, v in rank_tensors.items()}, str(tmp / "tensors" / f"rank-{trainer.rank}.safetensors"))
     barrier()
     if trainer.rank == 0:
         trainer.module.config.save_pretrained(tmp / "hf")
@@ -168,6 +178,16 @@ def load(trainer: Trainer, ckpt_dir: Path) -> dict[str, Any]:
     trainer.load_state_dict(meta["trainer"])
     _set_rng_state(json.loads((ckpt_dir / "rng" / f"rank-{trainer.rank}.json").read_text()))
     return client[_CLIENT_KEY]
+
+
+def load_rank_tensors(ckpt_dir: Path, rank: int) -> dict[str, torch.Tensor] | None:
+    """The tensors rank ``rank`` saved with the checkpoint, or None when it saved none."""
+    path = Path(ckpt_dir) / "tensors" / f"rank-{rank}.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def _rng_state() -> dict[str, Any]:

@@ -28,11 +28,13 @@ class MetricsLog:
                 raise CptError(f"tensorboard: true needs the tensorboard package ({exc})", "tensorboard") from None
             self._writer = SummaryWriter(str(tensorboard_dir))
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step`` (work a crash threw away), atomically."""
+    def truncate_to(self, updates: int) -> None:
+        """Keep what a run that stopped after ``updates`` steps had written, atomically: training
+        records of steps before it (``step`` is 0-based) and evaluations up to it (``step`` counts
+        updates done); the rest is work a crash threw away."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and _step_of(line) <= step]
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and _updates_of(line) <= updates]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -43,7 +45,7 @@ class MetricsLog:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._file.write(json.dumps(jsonable(record)) + "\n")
         self._file.flush()
         if self._writer is not None:
             for key, value in record.items():
@@ -63,15 +65,29 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def _step_of(line: str) -> int:
+def train_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("kind") != "eval"]
+
+
+def eval_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("kind") == "eval"]
+
+
+def _updates_of(line: str) -> int:
+    """Updates done when the record was written."""
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+        record = json.loads(line)
+        return int(record["step"]) + (record.get("kind") != "eval")
+    except (ValueError, KeyError, TypeError, AttributeError):
         return 1 << 62  # a torn last line from a crash: drop it
 
 
-def _jsonable(value: Any) -> Any:
-    """Non-finite floats are written as strings so every line stays valid JSON."""
+def jsonable(value: Any) -> Any:
+    """Non-finite floats (at any depth) become strings, so the output stays valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
     return value

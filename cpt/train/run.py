@@ -14,10 +14,13 @@ latest complete checkpoint with everything restored, so the continuation is exac
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import sys
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +29,16 @@ import torch
 
 from cpt.data.sampler import MixtureSampler
 from cpt.errors import CptError
+from cpt.eval.hooks import StageEvaluator
+from cpt.eval.summary import stage_summary
 from cpt.plan import StagePlan, plan_recipe
 from cpt.recipe import Recipe, dump_recipe
 from cpt.train import checkpoint
+from cpt.train.ema import Ema
 from cpt.train.engine import build_engine, init_distributed
 from cpt.train.export import export_hf
 from cpt.train.launch import distributed_context, needs_launch, relaunch_under_deepspeed
-from cpt.train.metrics import MetricsLog
+from cpt.train.metrics import MetricsLog, jsonable, read_metrics
 from cpt.train.model import build_model, resize_for_tokenizer
 from cpt.train.progress import Progress
 from cpt.train.schedules import decay_ends, lr_at
@@ -201,13 +207,21 @@ def train_stage(
     )
     latest = checkpoint.latest(ckpt_root) if resume else None
     state = {"step": 0, "sampler": None, "offsets": None}
+    restored = None  # the checkpoint whose per-rank tensors (the EMA) continue here
     if latest is not None:
         state = checkpoint.load(trainer, latest)
+        restored = latest
     elif fork is not None:
         parent = checkpoint.load(trainer, fork.checkpoint)
         counts = dict(zip(fork.domains, parent["sampler"]["counts"]))
         state["offsets"] = [counts.get(d, 0) for d in plan.domains]
         trainer.load_state_dict({"updates": 0, "nonfinite": 0})
+        restored = fork.checkpoint
+    ema = Ema(trainer.module, stage.ema.decay) if stage.ema is not None else None
+    if ema is not None and restored is not None:
+        saved = checkpoint.load_rank_tensors(restored, ctx.rank)
+        if saved is not None:  # a fork from a run without EMA starts the average at its weights
+            ema.load_state_dict(saved)
     sampler = MixtureSampler(
         plan.weights, [len(plan.blocks[d]) for d in plan.domains], batch, recipe.seed, stage.name,
         ctx.rank, ctx.world_size, offsets=state.get("offsets"),
@@ -220,21 +234,32 @@ def train_stage(
         enabled=ctx.is_main,
         tensorboard_dir=stage_dir / "tensorboard" if recipe.tensorboard else None,
     )
-    metrics.truncate_after(start - 1)
+    metrics.truncate_to(start)
+    evaluator = StageEvaluator(recipe, plan, ctx.rank, ctx.world_size) if stage.evaluation.enabled else None
+    if evaluator is not None and start > 0:
+        evaluator.restore_base(metrics.path)
     torch.distributed.barrier()
 
     release_steps = set(decay_ends(stage.schedule, steps)) - {steps}
     every = stage.checkpoint.every
     progress = Progress(stage_dir.name, steps, start, enabled=ctx.is_main, every=max(1, steps // 20))
     seq_len = stage.seq_len
+    train_seconds = 0.0
+    exported = ema.applied if ema is not None and stage.ema.export else nullcontext
     try:
+        if evaluator is not None and start == 0:
+            metrics.write(evaluator.evaluate(trainer.module, trainer.device, 0, ema))
         for step in range(start, steps):
+            started = time.perf_counter()
             rows = sampler.next_step()
             micro = stage.batch.micro_batch_size
             result = trainer.train_step(
                 list(_gather(plan, rows).split(micro)), step,
                 groups=list(torch.from_numpy(rows[:, 0]).split(micro)), n_groups=len(plan.domains),
             )
+            if ema is not None and not result.skipped:
+                ema.update()
+            train_seconds += time.perf_counter() - started
             done = step + 1
             if done % stage.log_every == 0 or done == steps or result.skipped:
                 realized = sampler.realized_blocks() * seq_len
@@ -251,19 +276,38 @@ def train_stage(
                     }
                 )
             progress.update(step, stage.tokens_per_step, result.loss, result.lr)
+            if evaluator is not None and evaluator.due(done):
+                metrics.write(evaluator.evaluate(trainer.module, trainer.device, done, ema))
             stopping = stop.agreed(ctx.world_size) and done < steps
             if done == steps or stopping or (every and done % every == 0) or done in release_steps:
                 client = {"step": done, "sampler": sampler.state_dict(), "offsets": state.get("offsets")}
-                checkpoint.save(trainer, ckpt_root, done, client, tokenizer=plan.tokenizer, keep=stage.checkpoint.keep)
+                checkpoint.save(trainer, ckpt_root, done, client, tokenizer=plan.tokenizer, keep=stage.checkpoint.keep,
+                                rank_tensors=ema.state_dict() if ema is not None else None)
             if done in release_steps:
-                export_hf(trainer, plan.tokenizer, stage_dir / "releases" / f"step-{done}")
+                with exported():
+                    export_hf(trainer, plan.tokenizer, stage_dir / "releases" / f"step-{done}")
             if stopping:
                 return False
-        export_hf(trainer, plan.tokenizer, stage_dir / "final")
+        metrics.close()
+        if evaluator is not None and ctx.is_main:
+            write_summary(stage_dir, plan, train_seconds if start == 0 else None)
+        with exported():
+            export_hf(trainer, plan.tokenizer, stage_dir / "final")
         return True
     finally:
         progress.close()
         metrics.close()
+
+
+def write_summary(stage_dir: Path, plan: StagePlan, train_seconds: float | None) -> None:
+    """``<stage>/summary.json`` from the stage's evaluation records (written whole or not at all)."""
+    summary = stage_summary(
+        read_metrics(stage_dir / "metrics.jsonl"), stage=plan.name, steps=plan.steps, tokens=plan.tokens,
+        targeted=list(plan.stage.data), train_seconds=train_seconds,
+    )
+    tmp = stage_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, stage_dir / "summary.json")
 
 
 def _gather(plan: StagePlan, rows: np.ndarray) -> torch.Tensor:

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from typing import Annotated, Callable, Literal, NamedTuple, Union
+from collections.abc import Callable
+from typing import Annotated, Literal, NamedTuple
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -163,7 +164,7 @@ class InfiniteSchedule(Strict):
 
 
 ScheduleConfig = Annotated[
-    Union[ConstantSchedule, CosineSchedule, WSDSchedule, InfiniteSchedule, WSDSSchedule],
+    ConstantSchedule | CosineSchedule | WSDSchedule | InfiniteSchedule | WSDSSchedule,
     Field(discriminator="type"),
 ]
 

@@ -1,0 +1,51 @@
+"""Held-out loss: the exact token-weighted mean, computed without gradients, model mode restored."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cpt.data.sources import DomainConfig, iter_documents
+from cpt.data.tokenizer import TrainTokenizerConfig, train_tokenizer
+from cpt.eval.heldout import heldout_losses, heldout_sets, perplexity
+
+
+def _model(vocab=97):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def test_loss_is_the_mean_over_every_predicted_token():
+    model = _model()
+    rng = np.random.default_rng(0)
+    sets = {"a": rng.integers(0, 97, size=(7, 16)), "b": rng.integers(0, 97, size=(3, 16))}
+    model.train()
+    got = heldout_losses(model, sets, batch_size=3, device=torch.device("cpu"))
+    assert model.training  # restored
+    for name, blocks in sets.items():
+        ids = torch.from_numpy(blocks)
+        with torch.no_grad():
+            model.eval()
+            logits = model(input_ids=ids).logits
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1)).item()
+        assert got[name] == pytest.approx(expected, rel=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_heldout_sets_are_capped_leading_blocks_of_the_heldout_split(tmp_path):
+    prose = DomainConfig(source="builtin:python-docs", heldout=20, max_documents=200)
+    none = DomainConfig(source="builtin:python-docs", heldout=0, max_documents=50)
+    tok = train_tokenizer(TrainTokenizerConfig(vocab_size=400, max_documents=50),
+                          iter_documents(prose, "train", 0), tmp_path / "tok")
+    full = heldout_sets({"prose": prose}, tok, 32, 0, tmp_path / "cache", max_tokens=10**9)["prose"]
+    capped = heldout_sets({"prose": prose, "none": none}, tok, 32, 0, tmp_path / "cache", max_tokens=32 * 5)
+    assert list(capped) == ["prose"]  # no held-out split, nothing to measure
+    assert len(full) > 5 and np.array_equal(capped["prose"], full[:5])
+
+
+def test_perplexity_saturates():
+    assert perplexity(0.0) == 1.0 and perplexity(1e6) == math.inf
