@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cpt.errors import CptError, CptErrors
 from cpt.eval.command import add_eval_parser, cmd_eval
+from cpt.laws.command import add_fit_parser, cmd_fit
 from cpt.report import add_report_parsers, cmd_compare, cmd_report
 
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(commands)
     add_report_parsers(commands)
+    add_fit_parser(commands)
 
     sweep = recipe_command("sweep", "Run one stage at several domain ratios and tabulate losses per token budget.")
     sweep.add_argument("--stage", required=True, metavar="NAME", help="the stage to sweep (it needs an earlier stage)")
@@ -179,6 +181,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 COMMANDS = {
     "validate": cmd_validate, "plan": cmd_plan, "run": cmd_run, "anneal": cmd_anneal, "export": cmd_export,
     "eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report, "compare": cmd_compare,
+    "fit": cmd_fit,
 }
 
 

@@ -9,6 +9,7 @@ print one actionable line per problem.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
@@ -23,6 +24,7 @@ from cpt.data.sources import DomainConfig, check_domain
 from cpt.data.tokenizer import TokenizerConfig
 from cpt.errors import CptError, CptErrors
 from cpt.eval.config import EvaluationConfig
+from cpt.eval.harness import task_problem
 from cpt.schema import Strict
 from cpt.train.ema import EmaConfig
 from cpt.train.engine import DistributedConfig, OptimizerConfig
@@ -169,6 +171,7 @@ def recipe_from_mapping(raw: dict[str, Any], path: Path, overrides: list[str] = 
         if isinstance(stage, dict):
             try:
                 _include_mixture(stage, path)
+                _ratio_from_fit(stage, path)
             except CptError as exc:
                 errors.append(CptError(exc.message, f"{path}: stages.{_stage_label(stage, index)}.mixture"))
     if errors:
@@ -266,6 +269,44 @@ def _include_mixture(stage: dict[str, Any], recipe_path: Path) -> None:
     stage["mixture"] = {**copy.deepcopy(included), **mixture}
 
 
+def _ratio_from_fit(stage: dict[str, Any], recipe_path: Path) -> None:
+    """Replace ``ratio: {from_fit: FIT.json, tokens: T}`` by the replay share it implies.
+
+    FIT.json is what ``cpt fit --law cmr --json`` printed; the critical mixture ratio R at T
+    tokens is the share of the stage's own domains, so the earlier domains replay 1 - R. The
+    resolved recipe records the number, not the file.
+    """
+    mixture = stage.get("mixture")
+    if not isinstance(mixture, dict) or "ratio" not in mixture:
+        return
+    spec = mixture.pop("ratio")
+    if not isinstance(spec, dict) or set(spec) != {"from_fit", "tokens"}:
+        raise CptError("ratio must be {from_fit: FIT.json, tokens: T}")
+    if "replay" in mixture:
+        raise CptError("set either ratio or replay, not both")
+    candidates = [recipe_path.resolve().parent / str(spec["from_fit"]), Path(str(spec["from_fit"]))]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise CptError(
+            f"ratio.from_fit: {spec['from_fit']} does not exist (looked beside the recipe and in the working directory)"
+        )
+    try:
+        fit = json.loads(found.read_text())
+        tokens = float(spec["tokens"])
+    except (ValueError, TypeError) as exc:
+        raise CptError(f"ratio: cannot read {found}: {exc}") from None
+    if not isinstance(fit, dict) or fit.get("law") != "cmr":
+        raise CptError(f"ratio.from_fit: {found} is not the JSON of `cpt fit --law cmr --json`")
+    from cpt.laws.cmr import cmr_ratio_at
+
+    ratio = cmr_ratio_at(fit, tokens)
+    if not ratio > 0:
+        raise CptError(
+            f"the fit in {found} gives a critical mixture ratio of {ratio:g} at {tokens:g} tokens: no domain data"
+        )
+    mixture["replay"] = 1.0 - ratio
+
+
 def _stage_label(stage: Any, index: int) -> str:
     if isinstance(stage, dict) and isinstance(stage.get("name"), str):
         return stage["name"]
@@ -330,6 +371,10 @@ def check_recipe(recipe: Recipe, *, check_files: bool = True) -> list[CptError]:
             errors.append(CptError("the stage defines no data domains of its own", f"{where}.data"))
         else:
             errors.extend(_mixture_problems(stage, previous_known, known, where))
+        for task in stage.evaluation.harness.tasks:
+            problem = task_problem(task, recipe.domains())
+            if problem:
+                errors.append(CptError(problem, f"{where}.evaluation.harness.tasks"))
         try:
             validate_schedule(stage.schedule, stage.total_steps)
         except CptError as exc:

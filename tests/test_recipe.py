@@ -120,3 +120,33 @@ def test_yaml_level_problems(tmp_path, text, message):
     path = write(tmp_path, text)
     errors = problems(path)
     assert len(errors) == 1 and errors[0].startswith(str(path)) and message in errors[0]
+
+
+@pytest.mark.parametrize(
+    "tasks, message",
+    [
+        ("[cpt_nextline_math]", "the recipe has no domain 'math'"),
+        ("[missing/task.yaml]", "harness task file missing/task.yaml does not exist"),
+    ],
+)
+def test_bad_harness_task_names_are_caught_by_validate(tiny_recipe, tasks, message, capsys):
+    from cpt.cli import main
+
+    assert main(["validate", str(tiny_recipe), "--set", f"stages.cpt.evaluation.harness.tasks={tasks}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "stages.cpt.evaluation.harness.tasks" in err and message in err
+
+
+def test_ratio_from_a_cmr_fit_becomes_the_replay_share(tiny_recipe, tmp_path, capsys):
+    import json
+
+    from cpt.cli import main
+
+    fit = {"law": "cmr", "cmr": {"law": None, "per_tokens": [{"tokens": 1000, "ratio": 0.2}, {"tokens": 3000, "ratio": 0.4}]}}
+    (tmp_path / "fit.json").write_text(json.dumps(fit))
+    ratio = "stages.cpt.mixture={ratio: {from_fit: fit.json, tokens: 2000}}"
+    recipe = load_recipe(tiny_recipe, [ratio])
+    assert recipe.stage("cpt").mixture.replay == pytest.approx(0.7)  # the domain gets the interpolated CMR 0.3
+    assert main(["validate", str(tiny_recipe), "--set", ratio.replace("2000", "9000")]) == 2
+    err = capsys.readouterr().err
+    assert "stages.cpt.mixture" in err and "outside the measured budgets" in err and len(err.splitlines()) == 1

@@ -109,6 +109,19 @@ def resolve_tasks(
     return HarnessTasks(tuple(specs), tuple(reported), bool(registry) or needs_registry)
 
 
+def task_problem(name: str, domains: Mapping[str, DomainConfig]) -> str | None:
+    """What is wrong with a task name, as far as can be told without lm-eval (for `cpt validate`)."""
+    if name.startswith(f"{nextline.PREFIX}_"):
+        domain = name.removeprefix(f"{nextline.PREFIX}_")
+        if domain not in domains:
+            return f"unknown harness task {name!r}: the recipe has no domain {domain!r}"
+        if domains[domain].heldout == 0:
+            return f"harness task {name!r} needs held-out documents, but data.{domain} has heldout: 0"
+    elif name.lower().endswith(YAML_SUFFIXES) and not Path(name).expanduser().is_file():
+        return f"harness task file {name} does not exist"
+    return None
+
+
 def _read_task_yaml(name: str) -> tuple[Path, dict[str, Any]]:
     """The task YAML's path and its configuration, read as lm-eval reads it (``include:`` merged,
     ``!function`` tags left as text: nothing is imported or run)."""
@@ -223,7 +236,9 @@ def plain_metrics(values: Mapping[str, Any]) -> dict[str, float]:
 @contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
     """lm-eval logs every step at INFO and draws a progress bar per task while it builds requests;
-    keep its warnings (unless the user set its level themselves) and drop the bars."""
+    keep its warnings (unless the user set its level themselves) and drop the bars (its own and
+    those of `datasets` loading the task files)."""
+    import datasets
     import lm_eval.api.task as task_module
 
     logger = logging.getLogger("lm_eval")
@@ -231,11 +246,15 @@ def _quiet_lm_eval() -> Iterator[None]:
     if chosen == logging.NOTSET:
         logger.setLevel(logging.WARNING)
     task_module.tqdm = functools.partial(bar, disable=True)
+    bars_were_off = datasets.is_progress_bar_enabled() is False
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
         logger.setLevel(chosen)
         task_module.tqdm = bar
+        if not bars_were_off:
+            datasets.enable_progress_bars()
 
 
 @contextlib.contextmanager
