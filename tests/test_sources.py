@@ -87,8 +87,17 @@ def test_python_docs_is_pydoc_topics_and_docstrings_read_without_importing():
     assert "antigravity" not in sys.modules and "this" not in sys.modules  # importing them has side effects
 
 
+def test_python_tests_is_the_standard_library_test_suite():
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    train, heldout = both_splits(DomainConfig(source="builtin:python-tests"))
+    documents = train + heldout
+    assert (stdlib / "test" / "test_json" / "test_dump.py").read_text(encoding="utf-8") in documents
+    assert not set(documents) & {(stdlib / "json" / "decoder.py").read_text(encoding="utf-8")}
+    assert len(documents) > 500 and sum(len(d) for d in documents) > 5_000_000
+
+
 def test_builtins_pass_their_checks_and_have_stable_fingerprints():
-    for name in ("python-stdlib", "python-docs"):
+    for name in ("python-stdlib", "python-docs", "python-tests"):
         cfg = DomainConfig(source=f"builtin:{name}")
         check_domain(cfg)
         assert fingerprint(cfg, 1) == fingerprint(cfg, 1) != fingerprint(cfg, 2)

@@ -29,7 +29,7 @@ from pydantic import Field, field_validator, model_validator
 from cpt.errors import CptError
 from cpt.schema import Strict
 
-BUILTINS = ("python-stdlib", "python-docs")
+BUILTINS = ("python-stdlib", "python-docs", "python-tests")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -193,7 +193,8 @@ def _count_documents(cfg: DomainConfig) -> int:
 def _all_documents(cfg: DomainConfig) -> Iterator[str]:
     kind = source_kind(cfg.source)
     if kind == "builtin":
-        texts = _python_stdlib() if cfg.source == "builtin:python-stdlib" else _python_docs()
+        texts = {"builtin:python-stdlib": _python_stdlib, "builtin:python-docs": _python_docs,
+                 "builtin:python-tests": _python_tests}[cfg.source]()
     elif kind == "hf":
         texts = _hf_texts(cfg)
     else:
@@ -218,6 +219,24 @@ def _python_stdlib() -> Iterator[str]:
     for path in stdlib_files():
         with tokenize.open(path) as f:  # honours a module's coding declaration
             yield f.read()
+
+
+def stdlib_test_files() -> list[Path]:
+    """The standard library's own test suite (``test/``): code of another style than the library's."""
+    root = Path(sysconfig.get_paths()["stdlib"]) / "test"
+    return sorted(path for path in root.rglob("*.py") if "__pycache__" not in path.parts)
+
+
+def _python_tests() -> Iterator[str]:
+    files = stdlib_test_files()
+    if not files:
+        raise CptError("this Python installation has no test suite (Debian ships it as python3-test)", "source")
+    for path in files:
+        try:
+            with tokenize.open(path) as f:
+                yield f.read()
+        except (SyntaxError, UnicodeDecodeError):  # the suite holds deliberately mis-encoded files
+            continue
 
 
 def _python_docs() -> Iterator[str]:
