@@ -371,6 +371,10 @@ def check_recipe(recipe: Recipe, *, check_files: bool = True) -> list[CptError]:
             errors.append(CptError("the stage defines no data domains of its own", f"{where}.data"))
         else:
             errors.extend(_mixture_problems(stage, previous_known, known, where))
+        unknown = [d for d in stage.evaluation.targets or [] if d not in known]
+        if unknown:
+            errors.append(CptError(f"unknown domain {unknown[0]!r}; known domains: {', '.join(sorted(known))}",
+                                   f"{where}.evaluation.targets"))
         for task in stage.evaluation.harness.tasks:
             problem = task_problem(task, recipe.domains())
             if problem:

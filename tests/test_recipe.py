@@ -150,3 +150,12 @@ def test_ratio_from_a_cmr_fit_becomes_the_replay_share(tiny_recipe, tmp_path, ca
     assert main(["validate", str(tiny_recipe), "--set", ratio.replace("2000", "9000")]) == 2
     err = capsys.readouterr().err
     assert "stages.cpt.mixture" in err and "outside the measured budgets" in err and len(err.splitlines()) == 1
+
+
+def test_evaluation_targets_name_known_domains(tiny_recipe, capsys):
+    from cpt.cli import main
+
+    assert load_recipe(tiny_recipe, ["stages.cpt.evaluation.targets=[code]"]).stage("cpt").evaluation.targets == ["code"]
+    assert main(["validate", str(tiny_recipe), "--set", "stages.pretrain.evaluation.targets=[code]"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.pretrain.evaluation.targets: unknown domain 'code'" in err

@@ -20,3 +20,7 @@ class EvaluationConfig(Strict):
     max_tokens_per_domain: int = Field(default=16384, gt=0)  # leading held-out tokens read per domain
     batch_size: int | None = Field(default=None, gt=0)  # sequences per forward; default: the micro-batch size
     harness: HarnessConfig = Field(default_factory=HarnessConfig)
+    # Domains the stage means to learn (adaptation, stability gap); every other domain counts
+    # for forgetting. Default: the stage's own domains. Name them when the stage also defines
+    # a stand-in for the base model's pre-training data, which is general data, not a target.
+    targets: list[str] | None = None

@@ -23,7 +23,7 @@ from cpt.errors import CptError
 @dataclass
 class StageData:
     name: str
-    targeted: list[str]  # the domains the stage defines in its own `data`
+    targeted: list[str]  # evaluation.targets, else the domains the stage defines in its own `data`
     train: list[dict[str, Any]]
     evals: list[dict[str, Any]]
     summary: dict[str, Any] | None  # summary.json, None while the stage is unfinished
@@ -144,7 +144,14 @@ def _recipe_stages(run_dir: Path) -> tuple[list[str], dict[str, list[str]]]:
     if not isinstance(stages, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in stages):
         raise CptError("expected `stages:` as a list of mappings with a `name`", str(recipe))
     names = [s["name"] for s in stages]
-    return names, {s["name"]: list(s.get("data") or {}) for s in stages}
+    return names, {s["name"]: _targets(s) for s in stages}
+
+
+def _targets(stage: dict) -> list[str]:
+    """The domains a stage means to learn: ``evaluation.targets``, else its own domains."""
+    evaluation = stage.get("evaluation")
+    targets = evaluation.get("targets") if isinstance(evaluation, dict) else None
+    return list(targets) if targets else list(stage.get("data") or {})
 
 
 def _read_summary(path: Path) -> dict | None:

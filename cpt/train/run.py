@@ -303,7 +303,7 @@ def write_summary(stage_dir: Path, plan: StagePlan, train_seconds: float | None)
     """``<stage>/summary.json`` from the stage's evaluation records (written whole or not at all)."""
     summary = stage_summary(
         read_metrics(stage_dir / "metrics.jsonl"), stage=plan.name, steps=plan.steps, tokens=plan.tokens,
-        targeted=list(plan.stage.data), train_seconds=train_seconds,
+        targeted=plan.stage.evaluation.targets or list(plan.stage.data), train_seconds=train_seconds,
     )
     tmp = stage_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")

@@ -1,0 +1,182 @@
+"""Three classic continual pre-training experiments on a CPU, written up as docs/results.md.
+
+1. Replay 0/5/25/50% (Ibrahim et al. 2024): the quickstart's code stage at four replay shares,
+   from one shared base model (`cpt sweep --keep-schedule`, ratio = 1 - replay).
+2. Infinite vs repeated cosine over two successive domains (library code, then the test suite;
+   Ibrahim et al. 2024, Singh et al. 2025).
+3. An end-of-run upsampling window of 0/10/20% (Blakeney et al. 2024).
+
+Every step is a `cpt` command, printed before it runs and listed on the page.
+
+    python docs/experiments/results.py [--out runs/results]   # about 25 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+REPLAYS = [0.0, 0.05, 0.25, 0.5]
+WINDOWS = [0.0, 0.1, 0.2]
+SCHEDULES = {
+    "repeated cosine": [
+        "stages.code.schedule={type: cosine, lr: 1.0e-3, warmup: 0.02, min_lr: 1.0e-4}",
+        "stages.tests.schedule={type: cosine, lr: 1.0e-3, warmup: 0.02, min_lr: 1.0e-4}",
+    ],
+    # warmup and cooldown once, then every later domain starts at the constant lr; each anneals at its end
+    "infinite": [
+        "stages.code.schedule={type: infinite, lr: 1.0e-3, const_lr: 5.0e-4, min_lr: 1.0e-4, warmup: 0.02, "
+        "cooldown: 0.1, anneal: 0.2}",
+        "stages.tests.schedule={type: infinite, lr: 5.0e-4, const_lr: 5.0e-4, min_lr: 1.0e-4, warmup: 0, "
+        "cooldown: 0, anneal: 0.2}",
+    ],
+}
+
+
+class Commands:
+    def __init__(self):
+        self.log: list[str] = []
+
+    def __call__(self, *args: str) -> str:
+        command = ["cpt", *map(str, args)]
+        self.log.append(shlex.join(command))
+        print("$", shlex.join(command), flush=True)
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "cpt.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            sys.exit(f"failed ({proc.returncode}): {shlex.join(command)}\n{proc.stderr[-3000:]}")
+        print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
+        return proc.stdout
+
+
+def summary(run: Path, stage: str) -> dict:
+    return json.loads((run / stage / "summary.json").read_text())
+
+
+def sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/results"))
+    args = parser.parse_args()
+    out, img = args.out, ROOT / "docs" / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cpt = Commands()
+    page = ["# Results", ""]
+
+    # 1. replay ---------------------------------------------------------------------------------
+    replay_dir = out / "replay"
+    ratios = ",".join(f"{1 - r:g}" for r in REPLAYS)
+    cpt("sweep", "recipes/quickstart.yaml", "--stage", "cpt", "--ratios", ratios, "--keep-schedule",
+        "--output-dir", replay_dir)
+    runs = [replay_dir / f"ratio-{1 - r:g}" for r in REPLAYS]
+    cpt("compare", *runs, "--out", out / "compare-replay")
+    shutil.copy(out / "compare-replay" / "delta.png", img / "results-replay-delta.png")
+    page += [
+        "## 1. Replay: how much of the old data to mix in",
+        "",
+        "The quickstart's `cpt` stage (Python code after English prose, WSD schedule, 409,600 tokens) "
+        "at four replay shares of prose, all from the same pre-trained base model. Forgetting is the "
+        "rise of held-out prose loss over the base model; adaptation the drop of held-out code loss "
+        "(`summary.json` of each run). Ibrahim et al. (2024) found 5% replay enough for a weak shift "
+        "and 25% for a strong one.",
+        "",
+        "| replay | forgetting (prose) | adaptation (code) | final prose loss | final code loss |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for replay, run in zip(REPLAYS, runs):
+        s = summary(run, "cpt")
+        page.append(f"| {replay:.0%} | {s['forgetting']:+.4f} | {s['adaptation']:+.4f} | "
+                    f"{s['domains']['prose']['final_loss']:.4f} | {s['domains']['code']['final_loss']:.4f} |")
+    page += ["", "![replay: deltas](img/results-replay-delta.png)", ""]
+
+    base_model = replay_dir / "base" / "pretrain" / "final"
+
+    # 2. infinite vs repeated cosine -----------------------------------------------------------
+    page += [
+        "## 2. Infinite schedule vs repeated cosine over two successive domains",
+        "",
+        "From the same base model: library code (`builtin:python-stdlib`, 25% prose), then the "
+        "standard library's test suite (`builtin:python-tests`, 25% replay), 150 steps each "
+        "(`docs/experiments/two-domains.yaml`). Repeated cosine re-warms to 1e-3 and decays to 1e-4 "
+        "in each stage; the infinite schedule warms up and cools down to a constant 5e-4 once, "
+        "starts the second domain at that constant, and anneals to 1e-4 over the last 20% of each.",
+        "",
+        "| schedule | after | prose loss | code loss | tests loss |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    schedule_runs = []
+    for label, overrides in SCHEDULES.items():
+        run = out / f"two-domains-{label.replace(' ', '-')}"
+        cpt("run", HERE / "two-domains.yaml", "--output-dir", run, "--overwrite",
+            *sets([f"stages.code.model={base_model}", *overrides]))
+        schedule_runs.append(run)
+        for stage in ("code", "tests"):
+            d = summary(run, stage)["domains"]
+            page.append(f"| {label} | {stage} | {d['prose']['final_loss']:.4f} | {d['code']['final_loss']:.4f} | "
+                        f"{d['tests']['final_loss']:.4f} |")
+    cpt("compare", *schedule_runs, "--out", out / "compare-schedules")
+    shutil.copy(out / "compare-schedules" / "loss.png", img / "results-schedules-loss.png")
+    shutil.copy(out / "compare-schedules" / "lr_mixture.png", img / "results-schedules-lr.png")
+    page += ["", "![schedules: losses](img/results-schedules-loss.png)", "",
+             "![schedules: lr and mixture](img/results-schedules-lr.png)", ""]
+
+    # 3. upsampling window ----------------------------------------------------------------------
+    page += [
+        "## 3. Upsampling a small domain at the end of the run",
+        "",
+        "From the same base model, 200 steps of code with 10% prose (WSD, 20% 1-sqrt decay); in the "
+        "last W of the run the small prose domain is raised to 50% (`docs/experiments/upsampling.yaml`; "
+        "Blakeney et al. 2024 found 10-20% windows best).",
+        "",
+        "| window | final prose loss | final code loss | forgetting (prose) |",
+        "| --- | --- | --- | --- |",
+    ]
+    window_runs = []
+    for window in WINDOWS:
+        if window:
+            mixture = (f"stages.cpt.mixture={{phases: [{{until: {1 - window:g}, weights: {{code: 0.9, prose: 0.1}}}}, "
+                       "{until: 1.0, weights: {code: 0.5, prose: 0.5}}]}")
+        else:
+            mixture = "stages.cpt.mixture={weights: {code: 0.9, prose: 0.1}}"
+        run = out / f"upsampling-{window:.0%}".replace("%", "pct")
+        cpt("run", HERE / "upsampling.yaml", "--output-dir", run, "--overwrite",
+            *sets([f"stages.cpt.model={base_model}", mixture]))
+        window_runs.append(run)
+        s = summary(run, "cpt")
+        page.append(f"| {window:.0%} | {s['domains']['prose']['final_loss']:.4f} | "
+                    f"{s['domains']['code']['final_loss']:.4f} | {s['domains']['prose']['final_delta']:+.4f} |")
+    cpt("compare", *window_runs, "--out", out / "compare-upsampling")
+    shutil.copy(out / "compare-upsampling" / "loss.png", img / "results-upsampling-loss.png")
+    page += ["", "![upsampling: losses](img/results-upsampling-loss.png)", ""]
+
+    page[1:1] = [
+        f"Generated by `python docs/experiments/results.py` in {(time.perf_counter() - started) / 60:.0f} minutes "
+        "on a 2-core CPU; every number below comes from the runs' `summary.json`. The models are tiny "
+        "(the quickstart's 4-layer Llama) and the data small, so read the directions, not the digits.",
+        "",
+        "Commands, in order:",
+        "",
+        "```",
+        *cpt.log,
+        "```",
+        "",
+    ]
+    (ROOT / "docs" / "results.md").write_text("\n".join(page))
+    print("wrote docs/results.md")
+
+
+if __name__ == "__main__":
+    main()
