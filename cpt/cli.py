@@ -174,7 +174,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     table = run_sweep(args.recipe, args.overrides, args.stage, args.ratios, args.tokens, args.output_dir,
                       keep_schedule=args.keep_schedule)
-    print(f"wrote {table}")
+    if table is None:
+        print("sweep stopped; the same command resumes it", file=sys.stderr)
+    else:
+        print(f"wrote {table}")
     return 0
 
 

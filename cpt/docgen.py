@@ -3,7 +3,8 @@
 ``python -m cpt.docgen`` writes ``docs/reference/recipe.md`` (every recipe field, walked from the
 pydantic models) and ``docs/reference/cli.md`` (every command and flag, walked from
 :func:`cpt.cli.build_parser`). ``python -m cpt.docgen --check`` writes nothing and exits 1 naming
-each page that differs from what the code gives; the test suite runs it.
+each page that differs from what the code gives; the test suite runs it. Both work on the
+repository root's ``docs/reference`` unless ``--dir`` names another folder.
 
 A field's meaning is its ``description=``, else the ``#`` comment on its line (or the comment
 lines right above it) in the model's source, else "—". Output depends only on the code: models
@@ -33,7 +34,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from cpt.recipe import STAGE_NAME, Name
+from cpt.recipe import STAGE_NAME, Name, Recipe
 from cpt.schema import Length
 
 PAGES_DIR = Path("docs/reference")
@@ -130,7 +131,7 @@ def _comments(cls: type) -> dict[str, str]:
 def field_comment(model: type[BaseModel], name: str) -> str:
     """The comment on ``name`` in the class (of ``model``'s bases) that declares it."""
     for cls in model.__mro__:
-        if name in cls.__dict__.get("__annotations__", {}):
+        if name in inspect.get_annotations(cls):
             return _comments(cls).get(name, "")
     return ""
 
@@ -243,8 +244,6 @@ def _cell(text: str) -> str:
 
 
 def recipe_page() -> str:
-    from cpt.recipe import Recipe
-
     out = [
         GENERATED.format(source="the pydantic models of cpt/recipe.py"), "",
         "# Recipe reference", "",
@@ -286,14 +285,9 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[str, argpars
     return {}
 
 
-def _help(action: argparse.Action, prog: str) -> str:
-    """The help text with ``%(default)s`` and friends filled in, as argparse prints it."""
-    if not action.help:
-        return MISSING
-    params = {k: v for k, v in vars(action).items() if v is not argparse.SUPPRESS} | {"prog": prog}
-    if params.get("choices") is not None:
-        params["choices"] = ", ".join(map(str, params["choices"]))
-    return action.help % params
+def _help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    """The help text with ``%(default)s`` and friends filled in, by argparse itself."""
+    return parser._get_formatter()._expand_help(action) if action.help else MISSING
 
 
 def _argument(action: argparse.Action) -> str:
@@ -331,7 +325,7 @@ def command_section(parser: argparse.ArgumentParser, help_text: str) -> list[str
         if not actions:
             continue
         out += ["", f"**{group.title}**", "", "| argument | default | meaning |", "| --- | --- | --- |"]
-        out += [f"| {_cell(_argument(a))} | {_cell(_default(a))} | {_cell(_help(a, parser.prog) + _choices(a))} |"
+        out += [f"| {_cell(_argument(a))} | {_cell(_default(a))} | {_cell(_help(parser, a) + _choices(a))} |"
                 for a in actions]
     return out
 

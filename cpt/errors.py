@@ -24,3 +24,9 @@ class CptErrors(CptError):
     def __init__(self, errors: list[CptError]):
         super().__init__("; ".join(str(e) for e in errors))
         self.errors = errors
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a library's exception: their messages often run over many lines."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

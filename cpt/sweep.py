@@ -61,8 +61,9 @@ def sweep_recipes(raw: dict[str, Any], path: Path, stage_name: str, ratios: list
 
 
 def run_sweep(recipe_path: Path, overrides: list[str], stage_name: str, ratios: list[float], budgets: list[int] | None,
-              output_dir: Path | None, keep_schedule: bool = False) -> Path:
-    """Train what is missing and write ``sweep.csv``; returns its path."""
+              output_dir: Path | None, keep_schedule: bool = False) -> Path | None:
+    """Train what is missing and write ``sweep.csv``; returns its path, or None when a stop
+    request (SIGTERM, Ctrl-C) ended a run early: the same command then resumes the sweep."""
     from cpt.plan import plan_recipe
     from cpt.train.run import RunOptions, run
 
@@ -84,7 +85,8 @@ def run_sweep(recipe_path: Path, overrides: list[str], stage_name: str, ratios: 
     recipes = sweep_recipes(raw, recipe_path, stage_name, ratios, budgets, keep_schedule, shares)
     out.mkdir(parents=True, exist_ok=True)
     base_dir = out / "base"
-    _run_dir(base, base_dir, run, RunOptions)
+    if not _run_dir(base, base_dir, run, RunOptions):
+        return None
     for ratio, ratio_recipe in recipes.items():
         run_dir = out / f"ratio-{ratio:g}"
         if (run_dir / stage_name / "final" / "config.json").is_file():
@@ -95,14 +97,16 @@ def run_sweep(recipe_path: Path, overrides: list[str], stage_name: str, ratios: 
                 link = run_dir / earlier.name
                 if not link.exists():
                     os.symlink(os.path.relpath(base_dir / earlier.name, run_dir), link)
-        _run_dir(ratio_recipe, run_dir, run, RunOptions, claim=True)
+        if not _run_dir(ratio_recipe, run_dir, run, RunOptions, claim=True):
+            return None
     table = out / "sweep.csv"
     write_table(collect_rows(out, recipes, stage_name), table)
     return table
 
 
-def _run_dir(recipe: Recipe, run_dir: Path, run, options, claim: bool = False) -> None:
-    """Train ``recipe`` into ``run_dir`` (resuming whatever is there) through ``cpt run``'s own path."""
+def _run_dir(recipe: Recipe, run_dir: Path, run, options, claim: bool = False) -> bool:
+    """Train ``recipe`` into ``run_dir`` (resuming whatever is there) through ``cpt run``'s own
+    path; False when it was stopped before its last stage finished."""
     recipe_file = run_dir.with_name(run_dir.name + ".yaml")
     text = dump_recipe(recipe)
     recipe_file.write_text(text)
@@ -111,8 +115,8 @@ def _run_dir(recipe: Recipe, run_dir: Path, run, options, claim: bool = False) -
     argv = ["run", str(recipe_file), "--output-dir", str(run_dir), "--resume"]
     code = run(recipe, options(run_dir, resume=True, argv=tuple(argv)), argv)
     if code != 0:
-        raise CptError(f"the run in {run_dir} stopped before finishing (exit {code}); run the sweep again to resume it",
-                       "sweep")
+        raise CptError(f"the run in {run_dir} failed (exit {code}); run the sweep again to resume it", "sweep")
+    return (run_dir / recipe.stages[-1].name / "final" / "config.json").is_file()
 
 
 def collect_rows(out: Path, recipes: dict[float, Recipe], stage_name: str) -> list[dict[str, Any]]:

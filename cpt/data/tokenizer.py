@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, model_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from cpt.errors import CptError
+from cpt.errors import CptError, first_line
 from cpt.schema import Strict
 
 if TYPE_CHECKING:  # transformers imports torch: seconds that validating a recipe should not pay
@@ -63,7 +63,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
         source = str(local) if local.exists() else path
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers signals a bad or missing tokenizer with many exception types
-        raise CptError(f"cannot load tokenizer from {path}: {e}", where="tokenizer") from e
+        raise CptError(f"cannot load tokenizer from {path}: {first_line(e)}", where="tokenizer") from e
     if not getattr(tokenizer, "is_fast", False):
         raise CptError(f"cannot load tokenizer from {path}: it has no fast (Rust) backend", where="tokenizer")
     if tokenizer.eos_token_id is None:

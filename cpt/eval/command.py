@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from cpt.errors import CptError
+from cpt.errors import CptError, first_line
 
 
 def add_eval_parser(commands) -> None:
@@ -77,7 +77,7 @@ def evaluate_model(model_dir: str, recipe, stage_name: str | None, tasks: list[s
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=stage.trust_remote_code)
     except OSError as exc:
-        raise CptError(f"cannot load a model from {model_dir}: {str(exc).splitlines()[0]}", "eval") from None
+        raise CptError(f"cannot load a model from {model_dir}: {first_line(exc)}", "eval") from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     cfg, cache = stage.evaluation, recipe.resolved_cache_dir()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cpt.errors import CptError
+from cpt.errors import CptError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -29,7 +29,7 @@ def build_model(model: str | dict[str, Any], *, trust_remote_code: bool = False,
             config = AutoConfig.for_model(**cfg)
             built = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
         except (ValueError, TypeError, KeyError) as e:
-            raise CptError(f"cannot build a causal LM from this config: {_first_line(e)}", where="model.config") from e
+            raise CptError(f"cannot build a causal LM from this config: {first_line(e)}", where="model.config") from e
     else:
         local = Path(model).expanduser()
         if not local.exists() and (local.is_absolute() or model.startswith((".", "~"))):
@@ -39,7 +39,7 @@ def build_model(model: str | dict[str, Any], *, trust_remote_code: bool = False,
                 str(local) if local.exists() else model, trust_remote_code=trust_remote_code, dtype=dtype
             )
         except Exception as e:  # transformers reports a missing or broken checkpoint with many exception types
-            raise CptError(f"cannot load {model}: {_first_line(e)}", where="model") from e
+            raise CptError(f"cannot load {model}: {first_line(e)}", where="model") from e
     return built.train()
 
 
@@ -59,8 +59,3 @@ def resize_for_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         cfg.eos_token_id = tokenizer.eos_token_id
         cfg.pad_token_id = tokenizer.pad_token_id
         cfg.bos_token_id = tokenizer.bos_token_id
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
