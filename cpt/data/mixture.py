@@ -54,9 +54,23 @@ Replay = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 class _Split(Strict):
     """How the tokens of a span of steps are split: shared by the whole stage and by a phase."""
 
-    weights: Weights | None = None
-    temperature: Temperature | None = None
-    replay: Replay | None = None
+    weights: Weights | None = Field(
+        default=None,
+        description="Relative weight per domain name, normalised to sum 1; domains not named get 0. Without replay "
+        "they may name any domain defined so far, with replay only the stage's own. Excludes temperature; "
+        "in a phase, setting either replaces the stage's choice.",
+    )
+    temperature: Temperature | None = Field(
+        default=None,
+        description="Weights proportional to `training_tokens ** temperature` over the stage's own domains: "
+        "1 natural proportions, 0 uniform. Excludes weights; neither set: 1 (in a phase: the stage's choice).",
+    )
+    replay: Replay | None = Field(
+        default=None,
+        description="Share of the tokens (0 <= replay < 1) drawn from the previous stage's domains, in the "
+        "proportions that stage planned; the rest follows weights or temperature. null: none "
+        "(in a phase: the stage's replay).",
+    )
 
     @model_validator(mode="after")
     def _one_shape(self):
@@ -68,13 +82,22 @@ class _Split(Strict):
 class Phase(_Split):
     """One span of a stage, ending at ``until`` (a fraction of the stage's steps)."""
 
-    until: float = Field(gt=0, le=1)
+    until: float = Field(
+        gt=0,
+        le=1,
+        description="End of the phase as a fraction of the stage's steps: it covers the steps t with "
+        "t / steps < until that no earlier phase covers.",
+    )
 
 
 class MixtureConfig(_Split):
     """A stage's mixture: static weights or a temperature, optional replay, optional phases."""
 
-    phases: list[Phase] | None = None
+    phases: list[Phase] | None = Field(
+        default=None,
+        description="Spans of the stage with their own mixture (curricula, end-of-run upsampling), in order; "
+        "their until values increase strictly and the last is 1. null: one mixture for the whole stage.",
+    )
 
     @field_validator("phases")
     @classmethod

@@ -44,22 +44,58 @@ Split = Literal["train", "heldout"]
 class HFOptions(Strict):
     """Arguments passed through to ``datasets.load_dataset``."""
 
-    name: str | None = None
-    split: str = "train"
-    data_files: str | list[str] | dict[str, str | list[str]] | None = None
-    revision: str | None = None
-    streaming: bool = False
+    name: str | None = Field(
+        default=None, description="The dataset's configuration (subset) name: load_dataset's second argument."
+    )
+    split: str = Field(default="train", description="The dataset split to read documents from.")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        default=None,
+        description="Files for a builder such as hf:json or hf:parquet: a path or glob, a list of them, "
+        "or a mapping from split name to them.",
+    )
+    revision: str | None = Field(
+        default=None, description="Branch, tag or commit of the hub dataset; null: its default branch."
+    )
+    streaming: bool = Field(
+        default=False,
+        description="Read the dataset as a stream instead of downloading it first; heldout must then be "
+        "a count, taken from the first documents.",
+    )
 
 
 class DomainConfig(Strict):
     """Where one domain's documents come from and how its held-out split is cut."""
 
-    source: str
-    text_field: str = Field(default="text", min_length=1)
-    hf: HFOptions | None = None
-    heldout: float = 0.05
-    max_documents: int | None = Field(default=None, gt=0)
-    max_epochs: float | None = Field(default=None, gt=0)
+    source: str = Field(
+        description="builtin:python-stdlib, builtin:python-docs or builtin:python-tests; `hf:<dataset id or builder>`; "
+        "or a local file or glob (.txt/.md/.rst/.text: one document per file; .jsonl/.json: one JSON object "
+        "per line; .parquet; text and JSON lines may be gzipped)."
+    )
+    text_field: str = Field(
+        default="text",
+        min_length=1,
+        description="The JSON field or column holding a document's text (JSON lines, parquet, hf: datasets).",
+    )
+    hf: HFOptions | None = Field(
+        default=None, description="Options for datasets.load_dataset; only for hf: sources."
+    )
+    heldout: float = Field(
+        default=0.05,
+        description="Documents held out for evaluation, never trained on: a count when >= 1, a fraction of the "
+        "domain's documents (at least one) when < 1, 0 for none. A seeded random subset; the first ones "
+        "of a stream.",
+    )
+    max_documents: int | None = Field(
+        default=None,
+        gt=0,
+        description="Use at most this many training documents (held-out ones not counted); null: all of them.",
+    )
+    max_epochs: float | None = Field(
+        default=None,
+        gt=0,
+        description="The most times a stage may repeat this domain's training tokens; a mixture that asks for more "
+        "is scaled down to it, the other domains taking the rest. null: no cap.",
+    )
 
     @field_validator("source")
     @classmethod

@@ -28,16 +28,33 @@ PAD = "<|pad|>"
 class TrainTokenizerConfig(Strict):
     """A byte-level BPE tokenizer trained on the training documents of the run."""
 
-    vocab_size: int = Field(ge=300)  # 256 byte symbols, the special tokens and some merges
-    min_frequency: int = Field(default=2, ge=1)
-    max_documents: int | None = Field(default=None, gt=0)
+    vocab_size: int = Field(
+        ge=300,
+        description="Size of the vocabulary: the 256 byte symbols, the end-of-text and padding tokens, and merges.",
+    )
+    min_frequency: int = Field(
+        default=2, ge=1, description="A pair of symbols becomes a merge only if it occurs at least this often."
+    )
+    max_documents: int | None = Field(
+        default=None,
+        gt=0,
+        description="Train on at most this many documents, taken in turn from each domain; null: all of them.",
+    )
 
 
 class TokenizerConfig(Strict):
     """Either an existing tokenizer (a directory or hub id) or one to train."""
 
-    path: str | None = None
-    train: TrainTokenizerConfig | None = None
+    path: str | None = Field(
+        default=None,
+        description="A tokenizer directory or hub id; it must be fast and have an end-of-sequence token. "
+        "Give this or train.",
+    )
+    train: TrainTokenizerConfig | None = Field(
+        default=None,
+        description="Train a byte-level BPE tokenizer on the training documents of every domain of the recipe "
+        "(cached); give this or path.",
+    )
 
     @model_validator(mode="before")
     @classmethod

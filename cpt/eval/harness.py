@@ -47,11 +47,28 @@ FEWSHOT_SEED = 1234  # one fixed draw of few-shot examples, so every evaluation 
 class HarnessConfig(Strict):
     """lm-evaluation-harness tasks run on the base model, every ``every`` steps, and at each stage end."""
 
-    tasks: list[str] = Field(default_factory=lambda: [nextline.PREFIX])
-    every: int | None = Field(default=None, gt=0)  # optimizer steps; None: only at the start and the end
-    limit: int | None = Field(default=100, gt=0)  # examples per task; None: all of them
-    batch_size: int = Field(default=16, gt=0)
-    num_fewshot: int = Field(default=0, ge=0)
+    tasks: list[str] = Field(
+        default_factory=lambda: [nextline.PREFIX],
+        description="cpt_nextline (an offline next-line task for every domain with held-out documents), "
+        "`cpt_nextline_<domain>`, the path of a task YAML, or a name in lm-eval's registry; []: no harness.",
+    )
+    every: int | None = Field(
+        default=None,
+        gt=0,
+        description="Also run the tasks at each evaluation whose step is a multiple of this; null: only at the "
+        "stage's start and end.",
+    )
+    limit: int | None = Field(
+        default=100,
+        gt=0,
+        description="Examples scored per task, and the number built for each cpt_nextline task; null: all of them.",
+    )
+    batch_size: int = Field(default=16, gt=0, description="Requests scored per forward pass.")
+    num_fewshot: int = Field(
+        default=0,
+        ge=0,
+        description="Solved examples shown before each question; a task whose own config pins 0 stays zero-shot.",
+    )
 
 
 @dataclass(frozen=True)

@@ -32,13 +32,35 @@ if TYPE_CHECKING:
 class DistributedConfig(Strict):
     """How the run is spread over processes (the recipe's ``distributed`` block)."""
 
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    # Processes per node (``deepspeed --num_gpus``); with a hostfile, each listed host runs this many.
-    num_processes: int = Field(default=1, ge=1)
-    offload_optimizer: bool = False
-    precision: Literal["fp32", "bf16"] = "fp32"
-    hostfile: str | None = None
-    master_port: int | None = Field(default=None, ge=1, le=65535)
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        default=0,
+        description="DeepSpeed ZeRO stage: 0 plain data parallelism; 1 partitions the optimizer state over "
+        "processes, 2 the gradients too, 3 the weights too.",
+    )
+    num_processes: int = Field(
+        default=1,
+        ge=1,
+        description="Processes per node (deepspeed --num_gpus); with a hostfile, each listed host runs this many.",
+    )
+    offload_optimizer: bool = Field(
+        default=False, description="Keep the optimizer state in CPU memory (ZeRO-Offload); needs zero_stage 1, 2 or 3."
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description="Training precision; bf16 needs an accelerator that supports it, and the exported weights keep it.",
+    )
+    hostfile: str | None = Field(
+        default=None,
+        description="A DeepSpeed hostfile (one `<host> slots=<K>` line per node) for a multi-node run started "
+        "on the first host; null: this machine only.",
+    )
+    master_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port of the processes' rendezvous on the first host; null: a free port, "
+        "or DeepSpeed's default 29500 with a hostfile.",
+    )
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> DistributedConfig:
@@ -50,11 +72,31 @@ class DistributedConfig(Strict):
 class OptimizerConfig(Strict):
     """AdamW and the update policy. Weight decay applies to matrices only, not to biases and norms."""
 
-    weight_decay: float = Field(default=0.1, ge=0, allow_inf_nan=False)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(default=1e-8, gt=0, allow_inf_nan=False)
-    grad_clip: float = Field(default=1.0, ge=0, allow_inf_nan=False)  # max global grad norm; 0 turns clipping off
-    max_nonfinite: int = Field(default=10, ge=0)  # skipped steps tolerated before the run stops
+    weight_decay: float = Field(
+        default=0.1,
+        ge=0,
+        allow_inf_nan=False,
+        description="AdamW's decoupled weight decay, applied to weight matrices only (not to biases and norms).",
+    )
+    betas: tuple[float, float] = Field(
+        default=(0.9, 0.95),
+        description="AdamW's decay rates of the first and second moment estimates, each in [0, 1).",
+    )
+    eps: float = Field(
+        default=1e-8, gt=0, allow_inf_nan=False, description="AdamW's epsilon, added to the denominator for stability."
+    )
+    grad_clip: float = Field(
+        default=1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Largest global gradient norm; larger gradients are scaled down to it. 0 turns clipping off.",
+    )
+    max_nonfinite: int = Field(
+        default=10,
+        ge=0,
+        description="A step whose loss or gradient is non-finite is skipped (no update); the run stops "
+        "with an error once a stage has skipped more than this many.",
+    )
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> OptimizerConfig:

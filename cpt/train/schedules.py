@@ -57,18 +57,30 @@ _FALL: dict[str, Callable[[float], float]] = {
 class ConstantSchedule(Strict):
     """Linear warmup to ``lr``, then ``lr`` (the CMR-law setup: warmup, then constant)."""
 
-    type: Literal["constant"] = "constant"
-    lr: Rate
-    warmup: Length = 0.0
+    type: Literal["constant"] = Field(default="constant", description="Selects this schedule.")
+    lr: Rate = Field(description="The learning rate once the warmup is over.")
+    warmup: Length = Field(
+        default=0.0,
+        description="Linear warmup length: at step t < warmup the lr is `lr * (t + 1) / (warmup + 1)`. "
+        "Steps when >= 1, a fraction of the stage's steps when < 1.",
+    )
 
 
 class CosineSchedule(Strict):
     """Re-warm to ``lr`` (about 1% of the stage), then cosine to ``min_lr`` at the last step."""
 
-    type: Literal["cosine"] = "cosine"
-    lr: Rate
-    warmup: Length = 0.01
-    min_lr: Floor | None = None  # None: 0.1 * lr, Ibrahim et al.'s floor
+    type: Literal["cosine"] = Field(default="cosine", description="Selects this schedule.")
+    lr: Rate = Field(description="Peak learning rate, reached at the end of the warmup.")
+    warmup: Length = Field(
+        default=0.01,
+        description="Linear re-warm length: at step t < warmup the lr is `lr * (t + 1) / (warmup + 1)`. "
+        "Steps when >= 1, a fraction of the stage's steps when < 1; it must leave at least one step to decay.",
+    )
+    min_lr: Floor | None = Field(
+        default=None,
+        description="The floor the cosine reaches at the stage's last step, at most lr; null: `0.1 * lr` "
+        "(Ibrahim et al.'s floor).",
+    )
 
     @model_validator(mode="after")
     def _floor_below_peak(self) -> CosineSchedule:
@@ -89,12 +101,28 @@ class _WarmupStableDecay(Strict):
     The other shapes are rescaled as in transformers, ``min_lr_ratio + (1 - min_lr_ratio) * f``.
     """
 
-    lr: Rate
-    warmup: Length = 0.0
-    decay: Length = 0.2
-    warmup_type: Shape = "linear"
-    decay_type: DecayShape = "1-sqrt"
-    min_lr_ratio: Ratio = 0.0
+    lr: Rate = Field(description="Peak learning rate: held from the end of the warmup until a decay starts.")
+    warmup: Length = Field(
+        default=0.0,
+        description="Warmup length, from `lr * min_lr_ratio` at step 0 up to lr (wsd-s: in its first period only). "
+        "Steps when >= 1, a fraction of the stage's steps when < 1.",
+    )
+    decay: Length = Field(
+        default=0.2,
+        description="Decay length, down to `lr * min_lr_ratio`: wsd decays over the stage's last steps, wsd-s at "
+        "the end of every period. Steps when >= 1; when < 1 a fraction of the stage (wsd) or of the period (wsd-s).",
+    )
+    warmup_type: Shape = Field(
+        default="linear", description="Shape of the warmup: linear, cosine or 1-sqrt (each decay shape run backwards)."
+    )
+    decay_type: DecayShape = Field(
+        default="1-sqrt",
+        description="Shape of the decay: linear, cosine, 1-sqrt, or exp (geometric; needs min_lr_ratio > 0).",
+    )
+    min_lr_ratio: Ratio = Field(
+        default=0.0,
+        description="The floor as a fraction of lr: where the warmup starts and every decay ends.",
+    )
 
     @model_validator(mode="after")
     def _exp_needs_floor(self) -> _WarmupStableDecay:
@@ -106,7 +134,7 @@ class _WarmupStableDecay(Strict):
 class WSDSchedule(_WarmupStableDecay):
     """Warmup, stable at ``lr``, decay over the last ``decay`` of the stage."""
 
-    type: Literal["wsd"] = "wsd"
+    type: Literal["wsd"] = Field(default="wsd", description="Selects this schedule.")
 
 
 class WSDSSchedule(_WarmupStableDecay):
@@ -118,8 +146,11 @@ class WSDSSchedule(_WarmupStableDecay):
     fraction of ``period`` when < 1.
     """
 
-    type: Literal["wsd-s"] = "wsd-s"
-    period: Length
+    type: Literal["wsd-s"] = Field(default="wsd-s", description="Selects this schedule.")
+    period: Length = Field(
+        description="Length of each stable-then-decay period, tiled from step 0; the stage's remainder lengthens "
+        "the last period. Steps when >= 1, a fraction of the stage's steps when < 1."
+    )
 
     @model_validator(mode="after")
     def _period_positive(self) -> WSDSSchedule:
@@ -141,16 +172,44 @@ class InfiniteSchedule(Strict):
     authors': warmup 5%, cooldown to 15%, anneal over the last 20%.
     """
 
-    type: Literal["infinite"] = "infinite"
-    lr: Rate
-    const_lr: Rate
-    min_lr: Floor
-    warmup: Length = 0.05
-    cooldown: Length = 0.1
-    cooldown_type: Literal["cosine", "inv-sqrt"] = "cosine"
-    timescale: Rate = 10.0
-    anneal: Length = 0.2
-    anneal_type: Literal["exp", "linear", "1-sqrt"] = "exp"
+    type: Literal["infinite"] = Field(default="infinite", description="Selects this schedule.")
+    lr: Rate = Field(description="Peak learning rate: the warmup's target and the cooldown's start.")
+    const_lr: Rate = Field(
+        description="The constant learning rate, reached at the end of the cooldown and held until the anneal; "
+        "at most lr."
+    )
+    min_lr: Floor = Field(
+        description="Where the anneal ends, at the stage's last step; at most const_lr, and > 0 for an exp anneal."
+    )
+    warmup: Length = Field(
+        default=0.05,
+        description="Linear warmup length, to lr (to const_lr without a cooldown): at step t < warmup the lr is "
+        "`peak * (t + 1) / (warmup + 1)`. Steps when >= 1, a fraction of the stage's steps when < 1.",
+    )
+    cooldown: Length = Field(
+        default=0.1,
+        description="Length of the fall from lr to const_lr right after the warmup; 0: none. "
+        "Steps when >= 1, a fraction of the stage's steps when < 1.",
+    )
+    cooldown_type: Literal["cosine", "inv-sqrt"] = Field(
+        default="cosine",
+        description="Shape of the cooldown: cosine, or inv-sqrt (`1 / sqrt(1 + timescale * p)`, rescaled to end "
+        "at const_lr).",
+    )
+    timescale: Rate = Field(
+        default=10.0,
+        description="Steepness of the inv-sqrt cooldown: the larger, the more of the fall happens early. "
+        "Unused by a cosine cooldown.",
+    )
+    anneal: Length = Field(
+        default=0.2,
+        description="Length of the final fall from const_lr to min_lr over the stage's last steps; 0: stay constant "
+        "to the end. Steps when >= 1, a fraction of the stage's steps when < 1.",
+    )
+    anneal_type: Literal["exp", "linear", "1-sqrt"] = Field(
+        default="exp",
+        description="Shape of the anneal: exp (geometric; needs min_lr > 0), linear or 1-sqrt.",
+    )
 
     @model_validator(mode="after")
     def _ordered_levels(self) -> InfiniteSchedule:
