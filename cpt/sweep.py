@@ -77,8 +77,10 @@ def run_sweep(recipe_path: Path, overrides: list[str], stage_name: str, ratios: 
     names = [s.name for s in recipe.stages]
     if stage_name not in names or names.index(stage_name) == 0:
         sweep_recipes(raw, recipe_path, stage_name, [], budgets, keep_schedule)  # raises the reason
-    base = recipe.model_copy(update={"stages": recipe.stages[: names.index(stage_name)]})
     out = Path(output_dir or Path(recipe.output_dir).with_name(f"{recipe.name}-sweep-{stage_name}"))
+    if pin_tokenizers(raw, recipe, out / "tokenizers"):
+        recipe = recipe_from_mapping(copy.deepcopy(raw), recipe_path)
+    base = recipe.model_copy(update={"stages": recipe.stages[: names.index(stage_name)]})
     previous = plan_recipe(base)[-1]
     blocks = previous.planned_blocks()
     shares = {d: float(n) / float(blocks.sum()) for d, n in zip(previous.domains, blocks)}
@@ -102,6 +104,30 @@ def run_sweep(recipe_path: Path, overrides: list[str], stage_name: str, ratios: 
     table = out / "sweep.csv"
     write_table(collect_rows(out, recipes, stage_name), table)
     return table
+
+
+def pin_tokenizers(raw: dict[str, Any], recipe: Recipe, where: Path) -> bool:
+    """Replace every ``tokenizer: {train: ...}`` of ``raw`` by the path of that tokenizer, trained
+    on the whole recipe and saved under ``where``; True when anything was replaced.
+
+    A trained tokenizer depends on every domain of its recipe, and the base run holds only the
+    stages before the swept one: without pinning it would train on fewer domains and get a
+    vocabulary that the ratio runs do not share.
+    """
+    from cpt.plan import trained_tokenizer
+
+    pinned = False
+    for mapping, stage in zip(raw["stages"], recipe.stages):
+        if stage.tokenizer is None or stage.tokenizer.train is None:
+            continue
+        target = where / stage.name
+        if not (target / "tokenizer.json").is_file():
+            staging = where / f".{stage.name}.tmp"
+            trained_tokenizer(recipe, stage.tokenizer.train).save_pretrained(staging)
+            os.replace(staging, target)
+        mapping["tokenizer"] = {"path": str(target.resolve())}
+        pinned = True
+    return pinned
 
 
 def _run_dir(recipe: Recipe, run_dir: Path, run, options, claim: bool = False) -> bool:

@@ -30,6 +30,9 @@ def test_sweep_table_shared_base_resume_and_fit(tiny_recipe, tmp_path):
     assert {"ratio", "tokens", "general_loss", "domain_loss", "params", "loss/prose", "loss/code",
             "base_general_loss", "base_domain_loss"} <= set(rows[0])
     assert len({r["base_general_loss"] for r in rows}) == 1  # every ratio starts from the same base model
+    # ... the base run's own final model, read with the tokenizer it was trained with
+    base = json.loads((out / "base" / "pretrain" / "summary.json").read_text())
+    assert float(rows[0]["base_general_loss"]) == pytest.approx(base["domains"]["prose"]["final_loss"], abs=1e-6)
     assert all(r["general_loss"] == r["loss/prose"] and r["domain_loss"] == r["loss/code"] for r in rows)
     assert int(rows[0]["params"]) > 10_000
     # the stages before the swept one are trained once and shared

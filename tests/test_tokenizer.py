@@ -15,6 +15,7 @@ from cpt.data.tokenizer import (
     PAD,
     TokenizerConfig,
     TrainTokenizerConfig,
+    check_tokenizer_matches,
     load_tokenizer,
     tokenizer_fingerprint,
     train_tokenizer,
@@ -55,6 +56,16 @@ def test_training_is_deterministic_and_saved_atomically(trained: Path, tmp_path:
     assert len(smaller) == 400 and len(load_tokenizer(str(tmp_path / "tok"))) == 400  # replaced in place
     assert tokenizer_fingerprint(smaller) != tokenizer_fingerprint(again)
     assert [p.name for p in tmp_path.iterdir()] == ["tok"]  # no staging directories left behind
+
+
+def test_a_model_is_not_continued_under_another_vocabulary(trained: Path, tmp_path: Path):
+    same = load_tokenizer(str(trained))
+    check_tokenizer_matches(str(trained), same, "stages.cpt.tokenizer")  # no error
+    other = train_tokenizer(TrainTokenizerConfig(vocab_size=600, max_documents=20), iter_documents(PROSE, "train", 0),
+                            tmp_path / "other")
+    with pytest.raises(CptError, match="trained with another tokenizer") as err:
+        check_tokenizer_matches(str(trained), other, "stages.cpt.tokenizer")
+    assert err.value.where == "stages.cpt.tokenizer"
 
 
 def test_max_documents_limits_what_training_reads(tmp_path: Path):

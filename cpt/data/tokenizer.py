@@ -91,6 +91,21 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
+def check_tokenizer_matches(model_dir: str, tokenizer, where: str) -> None:
+    """Refuse to continue a model under another vocabulary: its token ids would mean other strings.
+
+    A trained tokenizer depends on every domain of its recipe, so a recipe cut down to fewer
+    stages trains a different one; continuing such a model would train on garbage silently.
+    """
+    saved = Path(model_dir) / "tokenizer.json"
+    if saved.is_file() and load_tokenizer(str(saved.parent)).get_vocab() != tokenizer.get_vocab():
+        raise CptError(
+            f"the model in {model_dir} was trained with another tokenizer than this stage uses; "
+            "give the stage that model's tokenizer (tokenizer: {path: ...})",
+            where,
+        )
+
+
 def train_tokenizer(cfg: TrainTokenizerConfig, documents: Iterable[str], out_dir: Path) -> PreTrainedTokenizerFast:
     """Train a GPT-2 style byte-level BPE tokenizer, streaming the documents, and save it atomically."""
     from transformers import PreTrainedTokenizerFast

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from cpt.data.sampler import MixtureSampler
+from cpt.data.tokenizer import check_tokenizer_matches
 from cpt.errors import CptError
 from cpt.eval.hooks import StageEvaluator
 from cpt.eval.summary import stage_summary
@@ -143,6 +144,8 @@ def train(recipe: Recipe, plans: list[StagePlan], opts: RunOptions) -> int:
             stage = plan.stage
             if stage.model is not None:
                 start_model = stage.model.path or {"config": stage.model.config}
+            elif isinstance(start_model, str):
+                check_tokenizer_matches(start_model, plan.tokenizer, f"stages.{stage.name}.tokenizer")
             stage_dir = opts.output_dir / stage.name
             final = stage_dir / "final"
             if not (final / "config.json").is_file():
