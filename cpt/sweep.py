@@ -171,6 +171,7 @@ def collect_rows(out: Path, recipes: dict[float, Recipe], stage_name: str) -> li
                 **{f"loss/{d}": v for d, v in losses.items()},
                 "base_general_loss": _mean(base_losses, general),
                 "base_domain_loss": _mean(base_losses, targeted),
+                **{f"base_loss/{d}": v for d, v in base_losses.items()},
             })
     return rows
 

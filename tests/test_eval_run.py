@@ -31,7 +31,9 @@ def tiny_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("eval")
     recipe = tmp / "tiny.yaml"
-    recipe.write_text(TINY_RECIPE.format(out=tmp / "run"))
+    text = TINY_RECIPE.format(out=tmp / "run")
+    head, tail = text.rsplit("harness: {limit: 12}", 1)  # the cpt stage also runs its tasks every 6 steps
+    recipe.write_text(head + "harness: {limit: 12, every: 6}" + tail)
     proc = cpt("run", recipe)
     assert proc.returncode == 0, proc.stderr
     return recipe, tmp / "run"
@@ -39,9 +41,9 @@ def tiny_run(tmp_path_factory):
 
 def test_every_domain_is_measured_against_the_stage_base(tiny_run):
     _, run = tiny_run
-    for stage in ("pretrain", "cpt"):
+    for stage, steps, harness_steps in (("pretrain", [0, 4, 8, 12], [0, 12]), ("cpt", [0, 4, 6, 8, 12], [0, 6, 12])):
         records = evals(run, stage)
-        assert [r["step"] for r in records] == [0, 4, 8, 12]
+        assert [r["step"] for r in records] == steps
         base = records[0]
         for name in DOMAINS:  # both domains in both stages: prose is measured before the cpt stage trains on code
             assert base[f"delta/{name}"] == 0.0
@@ -50,7 +52,7 @@ def test_every_domain_is_measured_against_the_stage_base(tiny_run):
                 assert r[f"eval/{name}/ppl"] == pytest.approx(math.exp(loss))
                 assert r[f"delta/{name}"] == pytest.approx(loss - base[f"eval/{name}/loss"], abs=1e-12)
         assert {k.split("/")[1] for k in base if k.startswith("harness/")} == {"cpt_nextline_prose", "cpt_nextline_code"}
-        assert [r["step"] for r in records if any(k.startswith("harness/") for k in r)] == [0, 12]
+        assert [r["step"] for r in records if any(k.startswith("harness/") for k in r)] == harness_steps
         assert all(r["eval/seconds"] > 0 and r["eval/tokens_per_s"] > 0 for r in records)
     # the cpt stage starts from the pre-trained model: its base is pretrain's final evaluation
     last, first = evals(run, "pretrain")[-1], evals(run, "cpt")[0]

@@ -86,6 +86,17 @@ def test_few_checkpoints_interpolate_each_budget_and_skip_the_law():
         cmr_ratio_at(report, 3e9)
 
 
+def test_a_tolerance_that_never_binds_is_reported_as_a_lower_bound():
+    R = np.array([0.25, 0.5, 0.75])
+    general = np.array([2.00, 2.01, 2.02])
+    result = critical_mixture_ratio(Sweep(R, np.full(3, 1e9), general, None), tolerance(2.0, 0.05, None), OPTIONS, "s")
+    assert result.critical_ratio == 0.75
+    assert any("largest measured ratio stays within the tolerance" in w and "at least 0.75" in w for w in result.warnings)
+    full = critical_mixture_ratio(Sweep(np.array([0.5, 1.0]), np.full(2, 1e9), general[:2], None),
+                                  tolerance(2.0, 0.05, None), OPTIONS, "s")
+    assert full.critical_ratio == 1.0 and not any("at least" in w for w in full.warnings)  # R = 1 is a real answer
+
+
 def test_cmr_law_is_clipped_to_a_share_and_bad_json_is_refused():
     report = {"cmr": {"law": {"a": 1e-3, "s": 0.5, "b": 0.1}, "per_tokens": [{"tokens": 1e9, "ratio": 0.4}]}}
     assert cmr_ratio_at(report, 1e4) == pytest.approx(1e-3 * 1e2 + 0.1)

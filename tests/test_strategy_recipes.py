@@ -100,7 +100,8 @@ def test_toy_validate_and_plan(path, capsys):
     assert list(plan) == [s.name for s in recipe.stages]
     for stage in recipe.stages:
         assert plan[stage.name]["steps"] == stage.total_steps
-    STRATEGY.get(path.stem, lambda plan, recipe: None)(plan, recipe)
+    if path.stem != "quickstart":
+        STRATEGY[path.stem](plan, recipe)  # every strategy recipe has its check
 
 
 # What each strategy must look like in the plan, at any scale (the toy's plan here).
@@ -130,6 +131,30 @@ def _upsampling(plan, recipe):
     assert weights["large_cc"][0] == pytest.approx(0.3435)
 
 
+def _wsd(plan, recipe):
+    lr, schedule, steps = plan["math"]["lr"], recipe.stage("math").schedule, plan["math"]["steps"]
+    decay_start = steps - round(schedule.decay * steps)
+    assert lr[decay_start - 1] == pytest.approx(schedule.lr)  # stable at the peak until the decay
+    assert all(b < a for a, b in zip(lr[decay_start:], lr[decay_start + 1:]))  # then strictly down
+    assert lr[-1] < 0.5 * schedule.lr
+
+
+def _stability_gap(plan, recipe):
+    weights, tokens = plan["math"]["weights"], plan["math"]["tokens_per_domain"]
+    asked = recipe.stage("math").mixture.weights["math"]
+    assert max(weights["math"]) < asked - 0.01  # the epoch cap binds: the subset is repeated no more than allowed
+    assert min(weights["web"]) > 1 - asked  # the freed share goes to the general text, which keeps the majority
+    assert tokens["math"] + tokens["web"] == plan["math"]["tokens"]
+
+
+def _cmr_sweep(plan, recipe):
+    for name in ("general", "domain"):
+        lr, schedule = plan[name]["lr"], recipe.stage(name).schedule
+        assert schedule.type == "constant" and lr[-1] == pytest.approx(schedule.lr)  # constant after the warmup
+        assert len(set(lr[len(lr) // 2:])) == 1
+    assert all(w == pytest.approx(0.5) for w in plan["domain"]["weights"]["math"])  # R = 0.5 as written
+
+
 def _language(plan, recipe):
     weights = plan["german"]["weights"]
     assert min(weights["english"]) >= 0.2 - 1e-9  # English replay throughout
@@ -147,6 +172,9 @@ STRATEGY = {
     "rewarm-cosine-replay": _replay,
     "infinite-schedule": _infinite,
     "domain-upsampling": _upsampling,
+    "wsd-anneal": _wsd,
+    "stability-gap": _stability_gap,
+    "cmr-sweep": _cmr_sweep,
     "language-adaptation": _language,
     "long-context": _long_context,
 }
@@ -179,6 +207,28 @@ def test_toy_run_finishes_every_stage(path, toy_run):
         assert (out / stage.name / "final" / "config.json").is_file()
         summary = json.loads((out / stage.name / "summary.json").read_text())
         assert summary["stage"] == stage.name and summary["steps"] == stage.total_steps
+
+
+@pytest.mark.slow
+def test_stability_gap_toy_run_measures_the_gap(toy_run):
+    out = toy_run(ROOT / "recipes" / "stability-gap.yaml")
+    summary = json.loads((out / "math" / "summary.json").read_text())
+    gap = summary["stability_gap"]["math"]
+    assert set(gap) == {"gap", "peak_step", "recovered_step"} and gap["gap"] >= 0
+    records = [r for r in read_metrics(out / "math" / "metrics.jsonl") if r.get("kind") == "eval"]
+    assert [r["step"] for r in records] == list(range(0, 81, 4))
+    rises = [r["delta/math"] for r in records]
+    assert gap["gap"] == pytest.approx(max(0.0, *rises[: (gap["recovered_step"] or 80) // 4 + 1]))
+
+
+@pytest.mark.slow
+def test_language_adaptation_toy_run_evaluates_the_average_too(toy_run):
+    path = ROOT / "recipes" / "language-adaptation.yaml"
+    out = toy_run(path)
+    stage = next(s for s in load_recipe(path, toy_overrides(path), check_files=False).stages if s.ema is not None)
+    last = [r for r in read_metrics(out / stage.name / "metrics.jsonl") if r.get("kind") == "eval"][-1]
+    names = [k for k in last if k.startswith("eval/") and k.endswith("/loss")]
+    assert names and all(f"ema/{k}" in last and last[f"ema/{k}"] != last[k] for k in names)
 
 
 @pytest.mark.slow

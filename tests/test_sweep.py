@@ -28,7 +28,7 @@ def test_sweep_table_shared_base_resume_and_fit(tiny_recipe, tmp_path):
         (r, t) for r in (0.0, 0.5, 1.0) for t in (512, 1024)
     ]
     assert {"ratio", "tokens", "general_loss", "domain_loss", "params", "loss/prose", "loss/code",
-            "base_general_loss", "base_domain_loss"} <= set(rows[0])
+            "base_general_loss", "base_domain_loss", "base_loss/prose", "base_loss/code"} <= set(rows[0])
     assert len({r["base_general_loss"] for r in rows}) == 1  # every ratio starts from the same base model
     # ... the base run's own final model, read with the tokenizer it was trained with
     base = json.loads((out / "base" / "pretrain" / "summary.json").read_text())

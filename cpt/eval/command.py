@@ -41,7 +41,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     result = evaluate_model(args.model_dir, recipe, args.stage, args.tasks)
     if args.json:
-        print(json.dumps(result))
+        from cpt.train.metrics import jsonable
+
+        print(json.dumps(jsonable(result), allow_nan=False))
         return 0
     print(f"{'domain':<20}{'loss':>10}{'ppl':>12}")
     for name, scores in result["domains"].items():

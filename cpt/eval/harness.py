@@ -17,6 +17,7 @@ import contextlib
 import difflib
 import functools
 import logging
+import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,8 +56,8 @@ class HarnessConfig(Strict):
     every: int | None = Field(
         default=None,
         gt=0,
-        description="Also run the tasks at each evaluation whose step is a multiple of this; null: only at the "
-        "stage's start and end.",
+        description="Also run the tasks at every multiple of this many optimizer steps (the held-out loss is "
+        "measured with them); null: only at the stage's start and end.",
     )
     limit: int | None = Field(
         default=100,
@@ -208,6 +209,8 @@ def run_harness(
     batch_size: int,
     num_fewshot: int = 0,
     max_length: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` for every task (and group) of ``tasks``, scored with ``model``.
 
@@ -220,7 +223,7 @@ def run_harness(
         return {}
     from lm_eval.evaluator import evaluate
 
-    lm = harness_lm(model, tokenizer, batch_size=batch_size, max_length=max_length)
+    lm = harness_lm(model, tokenizer, batch_size=batch_size, max_length=max_length, rank=rank, world_size=world_size)
     with _quiet_lm_eval(), _global_rngs_kept():
         try:
             loaded = _task_manager(tasks.registry).load(list(tasks.specs))
@@ -299,14 +302,18 @@ def prefix_token(tokenizer) -> int:
 
 
 def loglikelihoods(
-    model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[int]]], *, batch_size: int, max_length: int
+    model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[int]]], *, batch_size: int, max_length: int,
+    rank: int = 0, world_size: int = 1,
 ) -> list[tuple[float, bool]]:
     """Sum of log p(continuation | context) and whether greedy decoding gives the continuation,
     for each (context ids, continuation ids) pair; contexts must not be empty.
 
     A pair longer than ``max_length + 1`` tokens loses tokens from the left (the continuation's
     too, when it alone is longer). Pairs run longest first in batches of ``batch_size``, padded on
-    the right: with causal attention, padding after a token never changes its prediction.
+    the right: with causal attention, padding after a token never changes its prediction. With
+    several processes the batches are dealt to ranks round-robin and the scores all-reduced;
+    every rank runs the same number of forward passes (a rank short of batches repeats one and
+    ignores it), as a ZeRO-3 forward gathers weights collectively.
     """
     import torch
 
@@ -315,14 +322,16 @@ def loglikelihoods(
     windows = [(context + continuation)[-(max_length + 1) :] for context, continuation in pairs]
     scored = [min(len(continuation), len(w) - 1) for w, (_, continuation) in zip(windows, pairs)]
     order = sorted(range(len(pairs)), key=lambda i: -len(windows[i]))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     device = next(model.parameters()).device
-    out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+    scores = torch.zeros(len(pairs), 2, dtype=torch.float64, device=device)  # log-likelihood, greedy (0/1)
     was_training = model.training
     model.eval()
     try:
         with no_grad_for(model):
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
+            for turn in range(math.ceil(len(batches) / world_size)):
+                index = turn * world_size + rank
+                rows = batches[index] if index < len(batches) else batches[0]
                 width = len(windows[rows[0]]) - 1
                 ids = torch.zeros(len(rows), width, dtype=torch.long)
                 mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -330,24 +339,29 @@ def loglikelihoods(
                     ids[r, : len(windows[i]) - 1] = torch.tensor(windows[i][:-1])
                     mask[r, : len(windows[i]) - 1] = 1
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                if index >= len(batches):  # keep step with the other ranks
+                    continue
                 for r, i in enumerate(rows):
                     end, n = len(windows[i]) - 1, scored[i]
                     logprobs = torch.log_softmax(logits[r, end - n : end].float(), dim=-1)
                     targets = torch.tensor(windows[i][-n:], device=logprobs.device)
-                    total = logprobs.gather(-1, targets[:, None]).sum().item()
-                    out[i] = (total, bool((logprobs.argmax(-1) == targets).all()))
+                    scores[i, 0] = logprobs.gather(-1, targets[:, None]).sum()
+                    scores[i, 1] = float((logprobs.argmax(-1) == targets).all())
     finally:
         model.train(was_training)
-    return out
+    if world_size > 1:
+        torch.distributed.all_reduce(scores)
+    return [(total, bool(greedy)) for total, greedy in scores.tolist()]
 
 
-def harness_lm(model: torch.nn.Module, tokenizer, *, batch_size: int, max_length: int | None = None) -> LM:
+def harness_lm(model: torch.nn.Module, tokenizer, *, batch_size: int, max_length: int | None = None,
+               rank: int = 0, world_size: int = 1) -> LM:
     """``model`` as an lm-eval ``LM``; ``max_length`` defaults to the model's position limit."""
     if max_length is None:
         max_length = getattr(model.config, "max_position_embeddings", None)
         if max_length is None:
             raise CptError("the model config has no max_position_embeddings: give the harness a max_length", "model")
-    return _lm_class()(model, tokenizer, batch_size, max_length)
+    return _lm_class()(model, tokenizer, batch_size, max_length, rank, world_size)
 
 
 @functools.cache
@@ -357,13 +371,19 @@ def _lm_class() -> type[LM]:
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     class ModelLM(LM):
-        """Scores lm-eval requests with an in-memory model; a single process as far as lm-eval knows."""
+        """Scores lm-eval requests with an in-memory model. A single process as far as lm-eval
+        knows: every rank builds the same requests, and the forward passes are shared out below."""
 
-        def __init__(self, model, tokenizer, batch_size: int, max_length: int):
+        def __init__(self, model, tokenizer, batch_size: int, max_length: int, rank: int, world_size: int):
             super().__init__()
             self.model, self.tokenizer = model, tokenizer
             self.batch_size, self.max_length = batch_size, max_length
+            self.shard = {"rank": rank, "world_size": world_size}
             self.prefix = prefix_token(tokenizer)
+
+        def _score(self, pairs):
+            return loglikelihoods(self.model, pairs, batch_size=self.batch_size, max_length=self.max_length,
+                                  **self.shard)
 
         def _encode(self, texts: Sequence[str]) -> dict[str, list[int]]:
             unique = list(dict.fromkeys(texts))
@@ -377,7 +397,7 @@ def _lm_class() -> type[LM]:
                 pairs.append((stripped, context[len(stripped) :] + continuation))
             ids = self._encode([text for pair in pairs for text in pair])
             token_pairs = [([self.prefix, *ids[c]], ids[x]) for c, x in pairs]
-            return loglikelihoods(self.model, token_pairs, batch_size=self.batch_size, max_length=self.max_length)
+            return self._score(token_pairs)
 
         def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
             texts = [request.args[0] for request in requests]
@@ -387,7 +407,7 @@ def _lm_class() -> type[LM]:
                 for t in texts
             ]
             flat = [w for doc in windows for w in doc]
-            scores = iter(loglikelihoods(self.model, flat, batch_size=self.batch_size, max_length=self.max_length))
+            scores = iter(self._score(flat))
             return [sum(next(scores)[0] for _ in doc) for doc in windows]
 
         def generate_until(self, requests: list[Instance]) -> list[str]:

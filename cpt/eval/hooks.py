@@ -2,9 +2,8 @@
 
 The first evaluation (step 0) measures the starting model before any update: it is the base
 every later ``delta/<domain>`` is taken against, so every delta is exactly 0 there. On resume the
-base is read back from the stage's ``metrics.jsonl``. Every rank takes part (held-out blocks are
-sharded over ranks; harness tasks run identically on each, as ZeRO-3 forwards are collective);
-rank 0 writes.
+base is read back from the stage's ``metrics.jsonl``. Every rank takes part (held-out blocks and
+the harness's forward passes are sharded over ranks); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -45,7 +44,8 @@ class StageEvaluator:
         self.base: dict[str, float] = {}
 
     def due(self, done: int) -> bool:
-        return done in (0, self.steps) or done in self.at_steps or bool(self.every and done % self.every == 0)
+        held_out = done in (0, self.steps) or done in self.at_steps or bool(self.every and done % self.every == 0)
+        return held_out or self.harness_due(done)
 
     def harness_due(self, done: int) -> bool:
         every = self.cfg.harness.every
@@ -76,7 +76,7 @@ class StageEvaluator:
                     harness = self.cfg.harness
                     results = run_harness(
                         model, self.tokenizer, self.tasks, limit=harness.limit, batch_size=harness.batch_size,
-                        num_fewshot=harness.num_fewshot,
+                        num_fewshot=harness.num_fewshot, rank=self.rank, world_size=self.world_size,
                     )
                     for task, metrics in results.items():
                         record.update({f"{prefix}harness/{task}/{m}": v for m, v in metrics.items()})

@@ -8,13 +8,14 @@
 
 Every step is a `cpt` command, printed before it runs and listed on the page.
 
-    python docs/experiments/results.py [--out runs/results]   # about 25 minutes on 2 cores
+    python docs/experiments/results.py [--out runs/results]   # about 20 minutes on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -22,26 +23,33 @@ import sys
 import time
 from pathlib import Path
 
+from cpt.train.metrics import read_metrics, train_records
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 REPLAYS = [0.0, 0.05, 0.25, 0.5]
 WINDOWS = [0.0, 0.1, 0.2]
+ANNEAL_STEPS = 30  # the release decay of the infinite schedule's first domain
 SCHEDULES = {
     "repeated cosine": [
         "stages.code.schedule={type: cosine, lr: 1.0e-3, warmup: 0.02, min_lr: 1.0e-4}",
         "stages.tests.schedule={type: cosine, lr: 1.0e-3, warmup: 0.02, min_lr: 1.0e-4}",
     ],
-    # warmup and cooldown once, then every later domain starts at the constant lr; each anneals at its end
+    # warmup and cooldown once; the main branch stays at the constant lr through the first domain,
+    # the second starts at that constant and anneals at its end (Ibrahim et al. 2024)
     "infinite": [
         "stages.code.schedule={type: infinite, lr: 1.0e-3, const_lr: 5.0e-4, min_lr: 1.0e-4, warmup: 0.02, "
-        "cooldown: 0.1, anneal: 0.2}",
+        "cooldown: 0.1, anneal: 0}",
         "stages.tests.schedule={type: infinite, lr: 5.0e-4, const_lr: 5.0e-4, min_lr: 1.0e-4, warmup: 0, "
         "cooldown: 0, anneal: 0.2}",
+        f"stages.code.checkpoint={{every: {150 - ANNEAL_STEPS}, keep: null}}",
     ],
 }
 
 
 class Commands:
+    """Runs `cpt` commands from the repository root and keeps the ones of the current section."""
+
     def __init__(self):
         self.log: list[str] = []
 
@@ -50,16 +58,29 @@ class Commands:
         self.log.append(shlex.join(command))
         print("$", shlex.join(command), flush=True)
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "cpt.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                              text=True)
+        proc = subprocess.run([sys.executable, "-m", "cpt.cli", *map(str, args)], capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"failed ({proc.returncode}): {shlex.join(command)}\n{proc.stderr[-3000:]}")
         print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
         return proc.stdout
 
+    def block(self) -> list[str]:
+        """The section's commands as a code block, then a fresh section."""
+        lines, self.log = ["Commands:", "", "```", *self.log, "```", ""], []
+        return lines
+
 
 def summary(run: Path, stage: str) -> dict:
     return json.loads((run / stage / "summary.json").read_text())
+
+
+def upsampling_mixture(window: float) -> str:
+    """The `--set` of a run whose last `window` of steps raises the small domain to half of each batch."""
+    steady = "{code: 0.8, tests: 0.1, prose: 0.1}"
+    if not window:
+        return f"stages.cpt.mixture={{weights: {steady}}}"
+    return (f"stages.cpt.mixture={{phases: [{{until: {1 - window:g}, weights: {steady}}}, "
+            "{until: 1.0, weights: {code: 0.4, tests: 0.5, prose: 0.1}}]}")
 
 
 def sets(items: list[str]) -> list[str]:
@@ -70,7 +91,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/results"))
     args = parser.parse_args()
-    out, img = args.out, ROOT / "docs" / "img"
+    out = Path(os.path.relpath(args.out.resolve(), ROOT))  # the page's commands run from the repository root
+    os.chdir(ROOT)
+    here, img = HERE.relative_to(ROOT), ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     cpt = Commands()
@@ -100,7 +123,7 @@ def main() -> None:
         s = summary(run, "cpt")
         page.append(f"| {replay:.0%} | {s['forgetting']:+.4f} | {s['adaptation']:+.4f} | "
                     f"{s['domains']['prose']['final_loss']:.4f} | {s['domains']['code']['final_loss']:.4f} |")
-    page += ["", "![replay: deltas](img/results-replay-delta.png)", ""]
+    page += ["", "![replay: deltas](img/results-replay-delta.png)", "", *cpt.block()]
 
     base_model = replay_dir / "base" / "pretrain" / "final"
 
@@ -111,67 +134,70 @@ def main() -> None:
         "From the same base model: library code (`builtin:python-stdlib`, 25% prose), then the "
         "standard library's test suite (`builtin:python-tests`, 25% replay), 150 steps each "
         "(`docs/experiments/two-domains.yaml`). Repeated cosine re-warms to 1e-3 and decays to 1e-4 "
-        "in each stage; the infinite schedule warms up and cools down to a constant 5e-4 once, "
-        "starts the second domain at that constant, and anneals to 1e-4 over the last 20% of each.",
+        "in each stage. The infinite schedule warms up and cools down to a constant 5e-4 once and stays "
+        "there through the first domain; the second domain continues at that constant and anneals to "
+        "1e-4 over its last 20%. Its release model after the first domain is an anneal branch "
+        f"(`cpt anneal`, {ANNEAL_STEPS} steps of 1-sqrt decay from the checkpoint {ANNEAL_STEPS} steps "
+        "before the stage's end), so both schedules have trained 150 steps on the first domain when it "
+        "is measured, while the second domain still starts from the un-annealed main branch.",
         "",
-        "| schedule | after | prose loss | code loss | tests loss |",
+        "| schedule | model | prose loss | code loss | tests loss |",
         "| --- | --- | --- | --- | --- |",
     ]
     schedule_runs = []
     for label, overrides in SCHEDULES.items():
         run = out / f"two-domains-{label.replace(' ', '-')}"
-        cpt("run", HERE / "two-domains.yaml", "--output-dir", run, "--overwrite",
+        cpt("run", here / "two-domains.yaml", "--output-dir", run, "--overwrite",
             *sets([f"stages.code.model={base_model}", *overrides]))
         schedule_runs.append(run)
-        for stage in ("code", "tests"):
-            d = summary(run, stage)["domains"]
-            page.append(f"| {label} | {stage} | {d['prose']['final_loss']:.4f} | {d['code']['final_loss']:.4f} | "
+        models = [("after code", run / "code"), ("after tests", run / "tests")]
+        if label == "infinite":
+            branch_from = f"step-{150 - ANNEAL_STEPS}"
+            cpt("anneal", run / "code", "--from", branch_from, "--steps", ANNEAL_STEPS)
+            models[0] = ("after code (anneal branch)", run / "code" / f"anneal-{branch_from}")
+            models.insert(1, ("after code (main branch)", run / "code"))
+        for what, stage_dir in models:
+            d = json.loads((stage_dir / "summary.json").read_text())["domains"]
+            page.append(f"| {label} | {what} | {d['prose']['final_loss']:.4f} | {d['code']['final_loss']:.4f} | "
                         f"{d['tests']['final_loss']:.4f} |")
     cpt("compare", *schedule_runs, "--out", out / "compare-schedules")
     shutil.copy(out / "compare-schedules" / "loss.png", img / "results-schedules-loss.png")
     shutil.copy(out / "compare-schedules" / "lr_mixture.png", img / "results-schedules-lr.png")
     page += ["", "![schedules: losses](img/results-schedules-loss.png)", "",
-             "![schedules: lr and mixture](img/results-schedules-lr.png)", ""]
+             "![schedules: lr and mixture](img/results-schedules-lr.png)", "", *cpt.block()]
 
     # 3. upsampling window ----------------------------------------------------------------------
     page += [
         "## 3. Upsampling a small domain at the end of the run",
         "",
-        "From the same base model, 200 steps of code with 10% prose (WSD, 20% 1-sqrt decay); in the "
-        "last W of the run the small prose domain is raised to 50% (`docs/experiments/upsampling.yaml`; "
-        "Blakeney et al. 2024 found 10-20% windows best).",
+        "From the same base model, 200 steps of a mixture of library code (80%), a small "
+        "high-quality domain, the standard library's test suite (10%, 150 documents), and prose "
+        "replay (10%), with WSD and a 20% 1-sqrt decay. In the last W of the run the small domain is "
+        "raised to half of each batch, taken from the code (`docs/experiments/upsampling.yaml`; "
+        "Blakeney et al. 2024 raised small domains over the last 10-20% of training).",
         "",
-        "| window | final prose loss | final code loss | forgetting (prose) |",
-        "| --- | --- | --- | --- |",
+        "| window | tests loss | code loss | prose loss | tests tokens |",
+        "| --- | --- | --- | --- | --- |",
     ]
     window_runs = []
     for window in WINDOWS:
-        if window:
-            mixture = (f"stages.cpt.mixture={{phases: [{{until: {1 - window:g}, weights: {{code: 0.9, prose: 0.1}}}}, "
-                       "{until: 1.0, weights: {code: 0.5, prose: 0.5}}]}")
-        else:
-            mixture = "stages.cpt.mixture={weights: {code: 0.9, prose: 0.1}}"
         run = out / f"upsampling-{window:.0%}".replace("%", "pct")
-        cpt("run", HERE / "upsampling.yaml", "--output-dir", run, "--overwrite",
-            *sets([f"stages.cpt.model={base_model}", mixture]))
+        cpt("run", here / "upsampling.yaml", "--output-dir", run, "--overwrite",
+            *sets([f"stages.cpt.model={base_model}", upsampling_mixture(window)]))
         window_runs.append(run)
-        s = summary(run, "cpt")
-        page.append(f"| {window:.0%} | {s['domains']['prose']['final_loss']:.4f} | "
-                    f"{s['domains']['code']['final_loss']:.4f} | {s['domains']['prose']['final_delta']:+.4f} |")
+        d = summary(run, "cpt")["domains"]
+        tokens = train_records(read_metrics(run / "cpt" / "metrics.jsonl"))[-1]["tokens/tests"]
+        page.append(f"| {window:.0%} | {d['tests']['final_loss']:.4f} | {d['code']['final_loss']:.4f} | "
+                    f"{d['prose']['final_loss']:.4f} | {tokens:,} |")
     cpt("compare", *window_runs, "--out", out / "compare-upsampling")
     shutil.copy(out / "compare-upsampling" / "loss.png", img / "results-upsampling-loss.png")
-    page += ["", "![upsampling: losses](img/results-upsampling-loss.png)", ""]
+    page += ["", "![upsampling: losses](img/results-upsampling-loss.png)", "", *cpt.block()]
 
     page[1:1] = [
         f"Generated by `python docs/experiments/results.py` in {(time.perf_counter() - started) / 60:.0f} minutes "
-        "on a 2-core CPU; every number below comes from the runs' `summary.json`. The models are tiny "
-        "(the quickstart's 4-layer Llama) and the data small, so read the directions, not the digits.",
-        "",
-        "Commands, in order:",
-        "",
-        "```",
-        *cpt.log,
-        "```",
+        "on a 2-core CPU; every number below comes from the runs' `summary.json`, and each section lists "
+        "the exact commands that made it. The models are tiny (the quickstart's 4-layer Llama) and the "
+        "data small, so read the directions, not the digits.",
         "",
     ]
     (ROOT / "docs" / "results.md").write_text("\n".join(page))
