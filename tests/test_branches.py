@@ -63,6 +63,13 @@ def test_anneal_branch_continues_a_checkpoint_and_leaves_the_main_branch_alone(w
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+def test_a_branch_of_an_earlier_stage_is_evaluated_on_every_domain_of_the_recipe(wsd_run):
+    proc = cpt("anneal", wsd_run / "pretrain", "--from", "step-8", "--steps", "2")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((wsd_run / "pretrain" / "anneal-step-8" / "summary.json").read_text())
+    assert set(summary["domains"]) == {"prose", "code"}  # code comes in a later stage: forgetting needs its base too
+
+
 def test_anneal_of_a_missing_checkpoint_is_a_clear_error(wsd_run):
     proc = cpt("anneal", wsd_run / "cpt", "--from", "step-5", "--steps", "4")
     assert proc.returncode == 2 and "not a complete cpt checkpoint" in proc.stderr

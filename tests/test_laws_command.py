@@ -227,6 +227,18 @@ GOOD = {"ratio": [0.1, 0.2, 0.4, 0.6, 0.8], "loss": [2.0, 2.1, 2.2, 2.3, 2.4]}
     ({"ratio": [0.5, 0.5], "tokens": [1, 2], "general_loss": [2, 2]}, ["--law", "cmr", "--baseline-general-loss", "2"],
      "no token budget was measured at two or more ratios"),
     ({"ratio": [0.5, 0.6], "tokens": [1, 1], "general_loss": [2, 2]}, ["--law", "cmr"], "needs --baseline-general-loss"),
+    # too few rows for each law's parameters
+    ({"params": [1e6, 2e6, 4e6, 8e6], "tokens": [1e9, 1e9, 2e9, 4e9], "loss": [3.0, 2.9, 2.7, 2.5]},
+     ["--law", "chinchilla"], "chinchilla has 5 parameters and needs at least 6 rows, got 4"),
+    ({"params": [1e6, 2e6, 4e6, 8e6], "tokens": [1e9, 1e9, 2e9, 4e9], "ratio": [0.1, 0.2, 0.3, 0.4],
+      "loss": [3.0, 2.9, 2.7, 2.5]}, ["--law", "dcpt"], "dcpt has 9 parameters and needs at least 10 rows, got 4"),
+    ({"r_a": [0.2, 0.5, 0.8], "r_b": [0.8, 0.5, 0.2], "a_loss": [3.0, 2.8, 2.6], "b_loss": [2.0, 2.2, 2.4]},
+     ["--law", "mixing"], "mixing has 3 parameters and needs at least 4 rows, got 3"),
+    # a sweep table without its general loss, or with a hole in it
+    ({"ratio": [0.5, 0.6], "tokens": [1, 1], "domain_loss": [2, 2]}, ["--law", "cmr", "--baseline-general-loss", "2"],
+     "no column 'general_loss'"),
+    ({"ratio": [0.5, 0.6], "tokens": [1, 1], "general_loss": [2, "nan"]},
+     ["--law", "cmr", "--baseline-general-loss", "2"], "column 'general_loss', line 3: 'nan' is not a finite number"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(capsys, tmp_path, columns, argv, message):
     table = write_csv(tmp_path / "bad.csv", columns)

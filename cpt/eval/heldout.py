@@ -21,8 +21,8 @@ from cpt.errors import CptError
 def heldout_sets(domains: Mapping, tokenizer, seq_len: int, seed: int, cache_dir, max_tokens: int) -> dict[str, np.ndarray]:
     """The first ``max_tokens // seq_len`` held-out blocks of each domain (at least one block).
 
-    Domains without a held-out split (``heldout: 0``) or too small for one block are left out:
-    there is nothing to measure them on.
+    Domains without a held-out split (``heldout: 0``) are left out: there is nothing to measure
+    them on. A held-out split shorter than one block is an error that names its domain.
     """
     n_blocks = max(1, max_tokens // seq_len)
     sets = {}
@@ -33,8 +33,7 @@ def heldout_sets(domains: Mapping, tokenizer, seq_len: int, seed: int, cache_dir
             blocks = load_blocks(cfg, "heldout", tokenizer, seq_len, seed, cache_dir)
         except CptError as exc:
             raise CptError(exc.message, f"data.{name}") from None
-        if len(blocks):
-            sets[name] = blocks[:n_blocks]
+        sets[name] = blocks[:n_blocks]
     return sets
 
 

@@ -47,8 +47,7 @@ def anneal(stage_dir: Path, from_checkpoint: str, steps: int, overrides: list[st
     main_plans = plan_recipe(main)[: index + 1]
     main_plan = main_plans[-1]
 
-    raw = read_yaml_mapping(recipe_path)
-    raw["stages"] = raw["stages"][: index + 1]
+    raw = read_yaml_mapping(recipe_path)  # all stages stay: the branch is evaluated on every domain of the recipe
     branch_stage = raw["stages"][index]
     branch_stage.pop("tokens", None)
     branch_stage.update(
