@@ -19,14 +19,12 @@ import argparse
 import csv
 import json
 import os
-import shlex
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
+from commands import Commands
 
 ROOT = Path(__file__).resolve().parents[2]
 RATIOS = [0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0]
@@ -34,18 +32,6 @@ BUDGETS = [51_200, 102_400, 153_600, 204_800, 256_000, 307_200]  # 25 .. 150 ste
 LR, WARMUP = 1.0e-3, 0.02
 TOKENS_PER_STEP = 16 * 128  # the quickstart's global batch x seq_len
 SETTINGS = ["--set", f"stages.cpt.schedule={{type: constant, lr: {LR}, warmup: {WARMUP}}}"]
-
-
-def cpt(*args: str, log: list[str]) -> str:
-    command = ["cpt", *args]
-    log.append(shlex.join(command))
-    print("$", shlex.join(command), flush=True)
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cpt.cli", *args], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {shlex.join(command)}\n{proc.stderr[-3000:]}")
-    print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
-    return proc.stdout
 
 
 def main() -> None:
@@ -56,15 +42,16 @@ def main() -> None:
     os.chdir(ROOT)
     page, img = ROOT / "docs" / "cmr-sweep.md", ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
-    commands: list[str] = []
+    cpt = Commands()
+    commands = cpt.log
     started = time.perf_counter()
 
     ratios = ",".join(f"{r:g}" for r in RATIOS)
     budgets = ",".join(str(t) for t in BUDGETS)
     cpt("sweep", "recipes/quickstart.yaml", "--stage", "cpt", "--ratios", ratios, "--tokens", budgets,
-        "--output-dir", str(out), *SETTINGS, log=commands)
+        "--output-dir", str(out), *SETTINGS)
     fit_text = cpt("fit", str(out), "--law", "cmr", "--epsilon", "0.05", "--json", "--png", str(out / "cmr.png"),
-                   "--write-mixture", str(out / "cmr-mixture.yaml"), log=commands)
+                   "--write-mixture", str(out / "cmr-mixture.yaml"))
     (out / "fit.json").write_text(fit_text)
     fit = json.loads(fit_text)
     shutil.copy(out / "cmr.png", img / "cmr-sweep.png")
@@ -74,7 +61,7 @@ def main() -> None:
     steps = largest // TOKENS_PER_STEP
     cpt("run", "recipes/quickstart.yaml", "--output-dir", str(out / "confirm"), "--overwrite",
         "--set", f"stages.cpt.mixture={{ratio: {{from_fit: {out / 'fit.json'}, tokens: {largest}}}}}",
-        "--set", f"stages.cpt.steps={steps}", *SETTINGS, log=commands)
+        "--set", f"stages.cpt.steps={steps}", *SETTINGS)
     resolved = yaml.safe_load((out / "confirm" / "recipe.yaml").read_text())
     confirm = 1.0 - next(s for s in resolved["stages"] if s["name"] == "cpt")["mixture"]["replay"]
     summary = json.loads((out / "confirm" / "cpt" / "summary.json").read_text())

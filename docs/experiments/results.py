@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from commands import Commands  # beside this script
 
 from cpt.train.metrics import read_metrics, train_records
 
@@ -45,29 +44,6 @@ SCHEDULES = {
         f"stages.code.checkpoint={{every: {150 - ANNEAL_STEPS}, keep: null}}",
     ],
 }
-
-
-class Commands:
-    """Runs `cpt` commands from the repository root and keeps the ones of the current section."""
-
-    def __init__(self):
-        self.log: list[str] = []
-
-    def __call__(self, *args: str) -> str:
-        command = ["cpt", *map(str, args)]
-        self.log.append(shlex.join(command))
-        print("$", shlex.join(command), flush=True)
-        started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "cpt.cli", *map(str, args)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"failed ({proc.returncode}): {shlex.join(command)}\n{proc.stderr[-3000:]}")
-        print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
-        return proc.stdout
-
-    def block(self) -> list[str]:
-        """The section's commands as a code block, then a fresh section."""
-        lines, self.log = ["Commands:", "", "```", *self.log, "```", ""], []
-        return lines
 
 
 def summary(run: Path, stage: str) -> dict:
