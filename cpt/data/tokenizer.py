@@ -96,6 +96,8 @@ def check_tokenizer_matches(model_dir: str, tokenizer, where: str) -> None:
 
     A trained tokenizer depends on every domain of its recipe, so a recipe cut down to fewer
     stages trains a different one; continuing such a model would train on garbage silently.
+    The vocabularies are compared, not ``tokenizer_fingerprint``: saving a hub tokenizer may
+    rewrite settings (padding, truncation) that do not change what an id means.
     """
     saved = Path(model_dir) / "tokenizer.json"
     if saved.is_file() and load_tokenizer(str(saved.parent)).get_vocab() != tokenizer.get_vocab():

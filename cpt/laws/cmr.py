@@ -240,7 +240,7 @@ def critical_mixture_ratio(sweep: Sweep, tol: Tolerance, options: FitOptions, wh
     for b in budgets:
         if b.ratio == 0:
             warnings.append(f"at {b.tokens:g} tokens even the smallest measured ratio exceeds the tolerance: CMR 0")
-        elif b.ratio == b.ratios.max() < 1:
+        elif b.ratio == b.ratios.max() and b.ratio < 1:
             warnings.append(f"at {b.tokens:g} tokens even the largest measured ratio stays within the tolerance: "
                             f"the CMR is at least {b.ratio:g}; measure larger ratios")
     usable = [b for b in budgets if b.inside]
