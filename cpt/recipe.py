@@ -28,7 +28,7 @@ from cpt.eval.harness import task_problem
 from cpt.schema import Strict
 from cpt.train.ema import EmaConfig
 from cpt.train.engine import DistributedConfig, OptimizerConfig
-from cpt.train.schedules import ScheduleConfig, validate_schedule
+from cpt.config.schedule import ScheduleConfig, validate_schedule
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
