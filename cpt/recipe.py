@@ -19,12 +19,11 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
+from cpt.config.evaluation import EvaluationConfig, task_problem
 from cpt.data.mixture import MixtureConfig, weight_matrix
 from cpt.data.sources import DomainConfig, check_domain
 from cpt.data.tokenizer import TokenizerConfig
 from cpt.errors import CptError, CptErrors
-from cpt.eval.config import EvaluationConfig
-from cpt.eval.harness import task_problem
 from cpt.schema import Strict
 from cpt.train.ema import EmaConfig
 from cpt.train.engine import DistributedConfig, OptimizerConfig

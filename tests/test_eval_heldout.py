@@ -1,4 +1,5 @@
-"""Held-out loss: the exact token-weighted mean, computed without gradients, model mode restored."""
+"""Held-out loss: the exact token-weighted mean, computed without gradients, model mode restored;
+the lockstep sharding of forward passes over ranks that it shares with the harness."""
 
 import math
 
@@ -10,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from cpt.data.sources import DomainConfig, iter_documents
 from cpt.data.tokenizer import TrainTokenizerConfig, train_tokenizer
 from cpt.eval.heldout import heldout_losses, heldout_sets, perplexity
+from cpt.eval.lockstep import lockstep_sums
 
 
 def _model(vocab=97):
@@ -49,3 +51,25 @@ def test_heldout_sets_are_capped_leading_blocks_of_the_heldout_split(tmp_path):
 
 def test_perplexity_saturates():
     assert perplexity(0.0) == 1.0 and perplexity(1e6) == math.inf
+
+
+def test_lockstep_deals_batches_and_keeps_every_rank_in_step():
+    """Without a process group nothing is reduced, so each simulated rank returns its own part."""
+    model = torch.nn.Linear(1, 1).train()
+    batches = list(range(7))
+
+    def rank_part(rank: int, world_size: int) -> tuple[list[int], torch.Tensor]:
+        calls = []
+
+        def score(batch: int, totals: torch.Tensor) -> None:
+            assert not model.training and not torch.is_grad_enabled()
+            calls.append(batch)
+            totals[batch] += batch + 1
+
+        return calls, lockstep_sums(model, batches, score, (7,), torch.device("cpu"), rank, world_size)
+
+    parts = [rank_part(rank, 3) for rank in range(3)]
+    assert [calls for calls, _ in parts] == [[0, 3, 6], [1, 4, 0], [2, 5, 0]]  # short ranks repeat batch 0
+    assert sum(totals for _, totals in parts).tolist() == rank_part(0, 1)[1].tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert model.training  # restored
+    assert lockstep_sums(model, [], None, (2,), torch.device("cpu"), 1, 2).tolist() == [0, 0]

@@ -14,17 +14,12 @@ from pydantic import ValidationError
 from cpt.data.sources import DomainConfig, iter_documents
 from cpt.data.tokenizer import TrainTokenizerConfig, train_tokenizer
 from cpt.errors import CptError
-from cpt.eval.harness import (
-    HarnessConfig,
-    HarnessTasks,
-    harness_lm,
-    loglikelihoods,
-    plain_metrics,
-    resolve_tasks,
-    run_harness,
-)
+from cpt.config.evaluation import HarnessConfig
+from cpt.eval.lm_adapter import harness_lm, loglikelihoods
+from cpt.eval.tasks import HarnessTasks, plain_metrics, resolve_tasks, run_harness
 from cpt.eval.nextline import build_nextline_task, is_answer_line, nextline_examples
 
+CPU = torch.device("cpu")
 CODE = DomainConfig(source="builtin:python-stdlib", heldout=6)
 WORDS = "the a model learns reads writes token data domain stage replay mixture loss step rate warm decay".split()
 
@@ -165,7 +160,7 @@ def test_loglikelihood_equals_a_direct_computation(tokenizer):
     from lm_eval.api.instance import Instance
 
     model = tiny_llama(len(tokenizer)).train()
-    lm = harness_lm(model, tokenizer, batch_size=2, max_length=16)
+    lm = harness_lm(model, tokenizer, batch_size=2, device=CPU, max_length=16)
     pairs = [
         ("doc3 p1 l0 the model", " learns data"),
         ("replay mixture", " loss"),
@@ -209,7 +204,7 @@ def test_greedy_flag_follows_the_argmax(tokenizer):
     with torch.no_grad():
         best = int(model(input_ids=torch.tensor([context])).logits[0, -1].argmax())
     worst = (best + 1) % len(tokenizer)
-    scores = loglikelihoods(model, [(context, [best]), (context, [worst])], batch_size=4, max_length=64)
+    scores = loglikelihoods(model, [(context, [best]), (context, [worst])], batch_size=4, max_length=64, device=CPU)
     assert scores[0][1] and not scores[1][1] and scores[0][0] > scores[1][0]
 
 
@@ -222,13 +217,13 @@ def test_offline_nextline_tasks_run_end_to_end(prose: DomainConfig, tokenizer, t
     assert tasks.names == ("cpt_nextline_prose", "cpt_nextline_code") and not tasks.registry
     model = tiny_llama(len(tokenizer)).train()
     python_state = random.getstate()
-    results = run_harness(model, tokenizer, tasks, limit=12, batch_size=8)
+    results = run_harness(model, tokenizer, tasks, device=CPU, limit=12, batch_size=8)
     assert set(results) == {"cpt_nextline_prose", "cpt_nextline_code"}
     for metrics in results.values():
         assert set(metrics) == {"acc", "acc_norm"}
         assert all(0 <= v <= 1 and v * 12 == pytest.approx(round(v * 12)) for v in metrics.values())
     assert model.training and random.getstate() == python_state
-    assert run_harness(model, tokenizer, HarnessTasks(), limit=12, batch_size=8) == {}
+    assert run_harness(model, tokenizer, HarnessTasks(), device=CPU, limit=12, batch_size=8) == {}
 
 
 def test_a_local_task_yaml_scores_like_a_direct_argmax(tokenizer, tmp_path: Path):
@@ -256,7 +251,7 @@ def test_a_local_task_yaml_scores_like_a_direct_argmax(tokenizer, tmp_path: Path
     tasks = resolve_tasks([str(tmp_path / "qa.yaml")], {}, seed=0, cache_dir=tmp_path / "cache", n_examples=10)
     assert tasks.names == ("my_qa",) and tasks.specs == (str(tmp_path / "qa.yaml"),)
     model = tiny_llama(len(tokenizer), seed=1)
-    results = run_harness(model, tokenizer, tasks, limit=None, batch_size=4)
+    results = run_harness(model, tokenizer, tasks, device=CPU, limit=None, batch_size=4)
 
     prefix = tokenizer.eos_token_id
     right = 0

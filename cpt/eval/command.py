@@ -1,8 +1,8 @@
 """`cpt eval MODEL_DIR --recipe RECIPE`: measure any Hugging Face model the way training does.
 
-The same held-out blocks and harness tasks as the recipe's evaluation hooks, so the numbers of
-a model trained elsewhere (or of the base model itself) compare directly with a run's
-``metrics.jsonl``. Runs in one process, on the GPU when there is one.
+The same held-out blocks and harness tasks as a run's evaluations during training, so the
+numbers of a model trained elsewhere (or of the base model itself) compare directly with a
+run's ``metrics.jsonl``. Runs in one process, on the GPU when there is one.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import json
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from cpt.errors import CptError, first_line
 
@@ -56,11 +54,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def evaluate_model(model_dir: str, recipe, stage_name: str | None, tasks: list[str] | None) -> dict[str, Any]:
     """``{"domains": {d: {"loss", "ppl"}}, "harness": {task: {metric: value}}, "seconds"}``."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from cpt.data.tokenizer import load_tokenizer
-    from cpt.eval.harness import resolve_tasks, run_harness
     from cpt.eval.heldout import heldout_losses, heldout_sets, perplexity
+    from cpt.eval.tasks import resolve_tasks, run_harness
     from cpt.plan import stage_tokenizer
 
     stage = recipe.stage(stage_name) if stage_name else recipe.stages[-1]
@@ -89,8 +88,8 @@ def evaluate_model(model_dir: str, recipe, stage_name: str | None, tasks: list[s
     harness = {}
     if names:
         resolved = resolve_tasks(names, recipe.domains(), recipe.seed, cache / "harness", cfg.harness.limit)
-        harness = run_harness(model, tokenizer, resolved, limit=cfg.harness.limit, batch_size=cfg.harness.batch_size,
-                              num_fewshot=cfg.harness.num_fewshot)
+        harness = run_harness(model, tokenizer, resolved, device=device, limit=cfg.harness.limit,
+                              batch_size=cfg.harness.batch_size, num_fewshot=cfg.harness.num_fewshot)
     return {
         "domains": {d: {"loss": loss, "ppl": perplexity(loss)} for d, loss in losses.items()},
         "harness": harness,

@@ -16,6 +16,7 @@ import torch
 
 from cpt.data.pack import load_blocks
 from cpt.errors import CptError
+from cpt.eval.lockstep import lockstep_sums
 
 
 def heldout_sets(domains: Mapping, tokenizer, seq_len: int, seed: int, cache_dir, max_tokens: int) -> dict[str, np.ndarray]:
@@ -47,44 +48,24 @@ def heldout_losses(
 ) -> dict[str, float]:
     """Mean next-token loss of ``model`` on each set, over every predicted token of every block.
 
-    Blocks are dealt to ranks round-robin and the sums are all-reduced. Every rank runs the same
-    number of forward passes (a rank short of blocks repeats one and ignores the result) because
-    a ZeRO-3 forward gathers weights collectively: a rank that stopped early would hang the rest.
+    With several ranks the batches are shared out by :func:`cpt.eval.lockstep.lockstep_sums`.
     """
     names = list(sets)
-    sums = torch.zeros(2 * len(names), dtype=torch.float64, device=device)  # loss sums, then token counts
-    was_training = model.training
-    model.eval()
-    try:
-        with no_grad_for(model):
-            for i, name in enumerate(names):
-                blocks = sets[name]
-                mine = np.arange(rank, len(blocks), world_size)
-                per_rank = math.ceil(len(blocks) / world_size)
-                for start in range(0, per_rank, batch_size):
-                    rows = mine[start : start + batch_size]
-                    real = len(rows)
-                    if real == 0:  # keep step with the other ranks
-                        rows = np.zeros(1, dtype=np.int64)
-                    ids = torch.from_numpy(np.asarray(blocks[rows], dtype=np.int64)).to(device)
-                    loss = model(input_ids=ids, labels=ids).loss.double()
-                    if real:
-                        predicted = real * (ids.shape[1] - 1)
-                        sums[i] += loss * predicted
-                        sums[len(names) + i] += predicted
-    finally:
-        model.train(was_training)
-    if world_size > 1:
-        torch.distributed.all_reduce(sums)
-    totals = sums.tolist()
+    batches = [
+        (i, start, min(start + batch_size, len(sets[name])))
+        for i, name in enumerate(names)
+        for start in range(0, len(sets[name]), batch_size)
+    ]
+
+    def score(batch: tuple[int, int, int], sums: torch.Tensor) -> None:  # loss sums, then token counts
+        i, start, stop = batch
+        ids = torch.from_numpy(np.asarray(sets[names[i]][start:stop], dtype=np.int64)).to(device)
+        predicted = ids.shape[0] * (ids.shape[1] - 1)
+        sums[i] += model(input_ids=ids, labels=ids).loss.double() * predicted
+        sums[len(names) + i] += predicted
+
+    totals = lockstep_sums(model, batches, score, (2 * len(names),), device, rank, world_size).tolist()
     return {name: totals[i] / totals[len(names) + i] for i, name in enumerate(names)}
-
-
-def no_grad_for(model: torch.nn.Module):
-    """Inference mode, except for a ZeRO-3 model: its parameter gathering writes to tensors that
-    must stay usable by the training step after, which inference tensors are not."""
-    partitioned = any(hasattr(p, "ds_tensor") for p in model.parameters())
-    return torch.no_grad() if partitioned else torch.inference_mode()
 
 
 def perplexity(loss: float) -> float:

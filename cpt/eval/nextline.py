@@ -21,10 +21,10 @@ from pathlib import Path
 
 import yaml
 
+from cpt.config.evaluation import NEXTLINE, nextline_task
 from cpt.data.sources import DomainConfig, fingerprint, iter_documents
 from cpt.errors import CptError
 
-PREFIX = "cpt_nextline"
 FORMAT_VERSION = 1  # bump whenever the examples or the task YAML change
 CHOICES = 4
 MAX_CONTEXT_CHARS = 400
@@ -34,10 +34,6 @@ MIN_LINE_CHARS = 10  # shorter lines (")", "else:", "pass") say too little to be
 MAX_LINE_CHARS = 200
 LENGTH_NEIGHBOURS = 32  # distractors are drawn from this many pool lines either side of the answer's length
 MAX_DOCUMENTS = 1000  # held-out documents read at most (more when more examples are asked for)
-
-
-def task_name(domain: str) -> str:
-    return f"{PREFIX}_{domain}"
 
 
 def is_answer_line(line: str) -> bool:
@@ -66,7 +62,7 @@ def nextline_examples(documents: Iterable[str], n: int, seed: int) -> list[dict]
     (those a ``limit`` keeps) are spread over many documents; examples of one document never
     share lines.
     """
-    rng = random.Random(f"{PREFIX}\0{seed}")
+    rng = random.Random(f"{NEXTLINE}\0{seed}")
     docs = [[line.rstrip() for line in doc.splitlines()] for doc in documents]
     own_lines = [{line.strip() for line in lines} for lines in docs]
     pool = sorted({(len(line.strip()), line) for lines in docs for line in lines if is_answer_line(line)})
@@ -124,7 +120,7 @@ def build_nextline_task(domain: str, cfg: DomainConfig, seed: int, cache_dir: Pa
     The directory is written under a temporary name and renamed into place, so a reader (or a
     second rank building the same task at the same time) never sees a half-written task.
     """
-    name = task_name(domain)
+    name = nextline_task(domain)
     key = f"{name}-{fingerprint(cfg, seed)}-seed{seed}-n{n_examples}-v{FORMAT_VERSION}"
     final = Path(cache_dir).expanduser().resolve() / key
     task_yaml = final / f"{name}.yaml"

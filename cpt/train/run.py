@@ -30,7 +30,7 @@ import torch
 from cpt.data.sampler import MixtureSampler
 from cpt.data.tokenizer import check_tokenizer_matches
 from cpt.errors import CptError
-from cpt.eval.hooks import StageEvaluator
+from cpt.eval.during_training import StageEvaluator
 from cpt.eval.summary import stage_summary
 from cpt.plan import StagePlan, plan_recipe
 from cpt.recipe import Recipe, dump_recipe

@@ -14,8 +14,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from cpt.eval.harness import resolve_tasks, run_harness
 from cpt.eval.heldout import heldout_losses, heldout_sets, perplexity
+from cpt.eval.tasks import resolve_tasks, run_harness
 from cpt.schema import resolve_length
 from cpt.train.ema import Ema
 from cpt.train.metrics import eval_records, read_metrics
@@ -75,8 +75,9 @@ class StageEvaluator:
                 if self.harness_due(done):
                     harness = self.cfg.harness
                     results = run_harness(
-                        model, self.tokenizer, self.tasks, limit=harness.limit, batch_size=harness.batch_size,
-                        num_fewshot=harness.num_fewshot, rank=self.rank, world_size=self.world_size,
+                        model, self.tokenizer, self.tasks, device=device, limit=harness.limit,
+                        batch_size=harness.batch_size, num_fewshot=harness.num_fewshot, rank=self.rank,
+                        world_size=self.world_size,
                     )
                     for task, metrics in results.items():
                         record.update({f"{prefix}harness/{task}/{m}": v for m, v in metrics.items()})
