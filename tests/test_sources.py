@@ -22,6 +22,7 @@ from cpt.data.sources import (
     iter_documents,
     module_docstrings,
     stdlib_files,
+    stdlib_test_files,
 )
 from cpt.errors import CptError
 
@@ -87,17 +88,42 @@ def test_python_docs_is_pydoc_topics_and_docstrings_read_without_importing():
     assert "antigravity" not in sys.modules and "this" not in sys.modules  # importing them has side effects
 
 
+def needs_test_suite() -> None:
+    """Tests of builtin:python-tests skip, with the reason a recipe would get, on a Python without the suite."""
+    try:
+        stdlib_test_files()
+    except CptError as e:
+        pytest.skip(e.message)
+
+
 def test_python_tests_is_the_standard_library_test_suite():
+    needs_test_suite()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     train, heldout = both_splits(DomainConfig(source="builtin:python-tests"))
     documents = train + heldout
     assert (stdlib / "test" / "test_json" / "test_dump.py").read_text(encoding="utf-8") in documents
     assert not set(documents) & {(stdlib / "json" / "decoder.py").read_text(encoding="utf-8")}
     assert len(documents) > 500 and sum(len(d) for d in documents) > 5_000_000
+    check_domain(DomainConfig(source="builtin:python-tests"))
+
+
+def test_python_tests_without_the_suite_is_an_error_naming_the_package(tmp_path: Path, monkeypatch):
+    """What Debian's libpython3.X-stdlib installs of test/ without libpython3.X-testsuite."""
+    for name in ("__init__.py", "regrtest.py", "test_support.py", "support/__init__.py"):
+        (tmp_path / "test" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "test" / name).write_text("import unittest\n")
+    paths = sysconfig.get_paths() | {"stdlib": str(tmp_path)}
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: paths)
+    cfg = DomainConfig(source="builtin:python-tests")
+    package = f"libpython{sys.version_info.major}.{sys.version_info.minor}-testsuite"
+    for read in (check_domain, lambda c: iter_documents(c, "train", 0)):
+        with pytest.raises(CptError, match=f"needs the standard library's test suite.*install {package}") as err:
+            read(cfg)
+        assert err.value.where == "source"
 
 
 def test_builtins_pass_their_checks_and_have_stable_fingerprints():
-    for name in ("python-stdlib", "python-docs", "python-tests"):
+    for name in ("python-stdlib", "python-docs"):
         cfg = DomainConfig(source=f"builtin:{name}")
         check_domain(cfg)
         assert fingerprint(cfg, 1) == fingerprint(cfg, 1) != fingerprint(cfg, 2)
