@@ -1,6 +1,6 @@
 """Evaluation vs training throughput on the quickstart model (issue 4: evaluation >= 2x training).
 
-Both go through cpt's own code: ``Trainer.train_step`` (DeepSpeed, ZeRO 0, one process) and
+Both go through cpt's own code: ``StepEngine.train_step`` (DeepSpeed, ZeRO 0, one process) and
 ``heldout_losses`` (the evaluation hook), on the same model, batch size and sequence length,
 in interleaved rounds in one run (the best round of each counts). Last line is JSON:
 {"train_tokens_per_s", "eval_tokens_per_s", "eval_vs_train"}.
@@ -23,7 +23,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from cpt.eval.heldout import heldout_losses  # noqa: E402
-from cpt.train.engine import DistributedConfig, OptimizerConfig, build_engine  # noqa: E402
+from cpt.config.training import DistributedConfig, OptimizerConfig
+from cpt.train.engine import build_engine  # noqa: E402
 from cpt.train.model import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from cpt.train.engine import DistributedConfig, OptimizerConfig, build_engine  # noqa: E402
+from cpt.config.training import DistributedConfig, OptimizerConfig
+from cpt.train.engine import build_engine  # noqa: E402
 from cpt.train.model import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

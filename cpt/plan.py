@@ -54,6 +54,12 @@ class StagePlan:
     def epochs(self) -> dict[str, float]:
         return {d: float(n) / len(self.blocks[d]) for d, n in zip(self.domains, self.planned_blocks())}
 
+    def data_pins(self) -> dict[str, dict]:
+        """What a checkpoint's data position indexes, per domain: the block cache entry (named by
+        the hash of the documents, the tokenizer, seq_len and the format) and its block count."""
+        return {d: {"fingerprint": Path(self.blocks[d].filename).parent.name, "blocks": len(self.blocks[d])}
+                for d in self.domains}
+
     def to_json(self) -> dict:
         return {
             "name": self.name,

@@ -25,8 +25,7 @@ from cpt.data.sources import DomainConfig, check_domain
 from cpt.data.tokenizer import TokenizerConfig
 from cpt.errors import CptError, CptErrors
 from cpt.schema import Strict
-from cpt.train.ema import EmaConfig
-from cpt.train.engine import DistributedConfig, OptimizerConfig
+from cpt.config.training import DistributedConfig, EmaConfig, OptimizerConfig
 from cpt.config.schedule import ScheduleConfig, validate_schedule
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

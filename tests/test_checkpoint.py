@@ -16,7 +16,8 @@ import torch
 
 from cpt.errors import CptError
 from cpt.train.checkpoint import MARKER, checkpoints, latest, load, read_meta, save
-from cpt.train.engine import DistributedConfig, OptimizerConfig, build_engine
+from cpt.config.training import DistributedConfig, OptimizerConfig
+from cpt.train.engine import build_engine
 from cpt.train.model import build_model, resize_for_tokenizer
 from scripts import tiny
 

@@ -18,7 +18,8 @@ import torch
 
 from cpt.errors import CptError
 from cpt.train.checkpoint import save
-from cpt.train.engine import DistributedConfig, OptimizerConfig, build_engine
+from cpt.config.training import DistributedConfig, OptimizerConfig
+from cpt.train.engine import build_engine
 from cpt.train.export import export_hf, gather_state_dict
 from cpt.train.launch import DistributedContext, distributed_context, launcher_command, needs_launch, relaunch_under_deepspeed
 from cpt.train.model import build_model, resize_for_tokenizer
@@ -280,7 +281,7 @@ def test_relaunch_starts_n_processes_and_passes_sigterm_to_them(tmp_path):
     """SIGTERM to `cpt run` reaches each training process once, and they may finish in peace."""
     parent = subprocess.Popen(
         [sys.executable, "-c", "import sys; from cpt.train.launch import relaunch_under_deepspeed as r; "
-         "from cpt.train.engine import DistributedConfig as D; "
+         "from cpt.config.training import DistributedConfig as D; "
          f"sys.exit(r([{str(tmp_path)!r}], D(num_processes=2), module='signal_driver'))"],
         env=_driver_env(),
     )

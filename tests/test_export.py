@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from cpt.train.checkpoint import save
-from cpt.train.engine import DistributedConfig, OptimizerConfig, build_engine
+from cpt.config.training import DistributedConfig, OptimizerConfig
+from cpt.train.engine import build_engine
 from cpt.train.export import export_checkpoint, export_hf
 from cpt.train.model import build_model, resize_for_tokenizer
 from scripts import tiny

@@ -14,9 +14,6 @@ The branch lives in ``<run>/<stage>/anneal-<checkpoint>/`` with its own ``branch
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 import yaml
@@ -25,9 +22,12 @@ from cpt.errors import CptError
 from cpt.plan import plan_recipe, plan_stage
 from cpt.recipe import dump_recipe, read_yaml_mapping, recipe_from_mapping
 from cpt.train import checkpoint
-from cpt.train.engine import init_distributed
-from cpt.train.launch import distributed_context, needs_launch, relaunch_under_deepspeed
-from cpt.train.run import PREPARED_ENV, Fork, StopRequest, train_stage
+from cpt.io import claim_dir
+from cpt.lock import FILES as LOCK_FILES
+from cpt.train.checkpointer import Fork
+from cpt.train.job import start_job
+from cpt.train.launch import distributed_context
+from cpt.train.run import fork_stage
 from cpt.train.schedules import lr_at
 
 
@@ -61,37 +61,17 @@ def anneal(stage_dir: Path, from_checkpoint: str, steps: int, overrides: list[st
     branch = recipe.stages[index]
     out = stage_dir / f"anneal-{from_checkpoint}"
 
-    ctx = distributed_context()
-    if not ctx.launched:
-        _claim(out, yaml.safe_dump(yaml.safe_load(dump_recipe(recipe))["stages"][index], sort_keys=False), resume, overwrite)
-        if needs_launch(recipe.distributed):
-            os.environ[PREPARED_ENV] = "1"
-            return relaunch_under_deepspeed(argv, recipe.distributed)
-    init_distributed()
-    plan = plan_stage(recipe, branch, main_plan.tokenizer, main_plans[-2] if index else None)
-    # The architecture comes from the checkpoint's config; its weights are loaded by the fork.
-    start_model = {"config": json.loads((ckpt / "hf" / "config.json").read_text())}
-    stop = StopRequest()
-    try:
-        finished = train_stage(recipe, plan, index, start_model, out, resume, stop,
-                               fork=Fork(ckpt, main_plan.domains))
-    finally:
-        stop.restore()
-    if ctx.is_main:
-        print(f"{'done' if finished else 'stopped'}: {out}", flush=True)
-    return 0
+    branch_yaml = yaml.safe_dump(yaml.safe_load(dump_recipe(recipe))["stages"][index], sort_keys=False)
 
+    def work(_) -> int:
+        plan = plan_stage(recipe, branch, main_plan.tokenizer, main_plans[-2] if index else None)
+        finished = fork_stage(recipe, plan, index, Fork(ckpt, main_plan.domains), out, resume)
+        if distributed_context().is_main:
+            print(f"{'done' if finished else 'stopped'}: {out}", flush=True)
+        return 0
 
-def _claim(out: Path, branch_yaml: str, resume: bool, overwrite: bool) -> None:
-    saved = out / "branch.yaml"
-    if out.exists():
-        if resume and saved.is_file() and saved.read_text() == branch_yaml:
-            return
-        if overwrite:
-            shutil.rmtree(out)
-        elif resume:
-            raise CptError(f"{out} was made with other branch settings; resume with the same ones", str(out))
-        else:
-            raise CptError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it", str(out))
-    out.mkdir(parents=True)
-    saved.write_text(branch_yaml)
+    return start_job(
+        out, recipe.distributed, argv,
+        claim=lambda: claim_dir(out, "branch.yaml", branch_yaml, resume=resume, overwrite=overwrite, keep=LOCK_FILES),
+        prepare=lambda: None, work=work,
+    )

@@ -9,15 +9,16 @@ Layout of ``<root>/step-<N>/`` (N the plain optimizer-step number of the run):
 - ``hf/``: the model's Hugging Face config and the tokenizer, so the checkpoint exports alone.
 - ``cpt_checkpoint.json``: written last; a directory without it is not a checkpoint.
 
-Every rank writes into ``<root>/.tmp-step-<N>``; rank 0 then writes the marker and renames the
-directory into place. A crash at any moment leaves either the complete new checkpoint or none,
-and never touches the previous ones; leftovers are removed by the next save.
+Every rank writes into ``<root>/.tmp-step-<N>`` and flushes what it wrote to disk; after a
+barrier rank 0 writes the marker and renames the directory into place. A crash at any moment
+leaves either the complete new checkpoint or none, and never touches the previous ones;
+leftovers are removed by the next save. ``CPT_FAULT`` (:mod:`cpt.faults`) kills a process at each
+phase of a save in the crash tests.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -27,12 +28,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cpt import dist, faults
 from cpt.errors import CptError
+from cpt.io import fsync_tree, io_errors, library_io_errors, replace_dir, write_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from cpt.train.engine import Trainer
+    from cpt.train.engine import StepEngine
 
 MARKER = "cpt_checkpoint.json"
 FORMAT = 1
@@ -49,14 +52,15 @@ def _tag(step: int) -> str:
 
 
 def save(
-    trainer: Trainer, root: Path, step: int, client_state: dict[str, Any], *, tokenizer: PreTrainedTokenizerBase,
+    trainer: StepEngine, root: Path, step: int, client_state: dict[str, Any], *, tokenizer: PreTrainedTokenizerBase,
     keep: int | None = None, rank_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save a checkpoint of ``trainer`` after ``step`` (every rank calls this); keep the last ``keep``.
 
     ``client_state`` is the caller's resumable state (data position, step, ...); it must be
     picklable and is returned by :func:`load`. ``rank_tensors`` are this rank's own tensors,
-    read back by :func:`load_rank_tensors`. Refuses (CptError) when a weight is non-finite.
+    read back by :func:`load_rank_tensors`. Refuses (CptError) when a weight is non-finite; a
+    failed write (a full disk) is a CptError naming the path, and the earlier checkpoints stay.
     """
     if keep is not None and keep < 1:
         raise ValueError("keep must be at least 1")
@@ -64,53 +68,69 @@ def save(
         raise CptError(f"not saving step {step}: the model has non-finite weights", where="checkpoint")
     root = Path(root)
     final, tmp = step_dir(root, step), root / f".tmp-step-{step}"
-    barrier = torch.distributed.barrier
     if trainer.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
+        with io_errors(root):
+            root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
-    trainer.engine.save_checkpoint(str(tmp), tag=_tag(step), client_state={_CLIENT_KEY: client_state})
-    (tmp / "rng").mkdir(exist_ok=True)
-    _write_json(tmp / "rng" / f"rank-{trainer.rank}.json", _rng_state())
-    if rank_tensors is not None:
-        from safetensors.torch import save_file
+    dist.barrier()
+    try:
+        _write_rank_files(trainer, tmp, step, client_state, rank_tensors)
+        dist.barrier()  # every rank's files are on disk before the marker says so
+        if trainer.rank == 0:
+            _complete(trainer, tmp, step, tokenizer)
+            faults.point("checkpoint.marker", tmp)
+            with io_errors(final):
+                replace_dir(tmp, final)
+            faults.point("checkpoint.renamed", final)
+            prune(root, keep)
+    except CptError:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the last good checkpoint is untouched
+        raise
+    dist.barrier()
+    return final
 
-        (tmp / "tensors").mkdir(exist_ok=True)
-        save_file({k: v.contiguous() for k, v in rank_tensors.items()}, str(tmp / "tensors" / f"rank-{trainer.rank}.safetensors"))
-    barrier()
-    if trainer.rank == 0:
+
+def _write_rank_files(
+    trainer: StepEngine, tmp: Path, step: int, client_state: dict[str, Any], rank_tensors: dict[str, torch.Tensor] | None
+) -> None:
+    """This rank's part of a save, flushed to disk: DeepSpeed's files, its generators, its own tensors."""
+    with library_io_errors(tmp):
+        trainer.engine.save_checkpoint(str(tmp), tag=_tag(step), client_state={_CLIENT_KEY: client_state})
+    faults.point("checkpoint.engine", tmp)
+    with io_errors(tmp):
+        (tmp / "rng").mkdir(exist_ok=True)
+        write_json(tmp / "rng" / f"rank-{trainer.rank}.json", _rng_state())
+        faults.point("checkpoint.rng", tmp)
+        if rank_tensors is not None:
+            from safetensors.torch import save_file
+
+            (tmp / "tensors").mkdir(exist_ok=True)
+            path = tmp / "tensors" / f"rank-{trainer.rank}.safetensors"
+            with library_io_errors(path):
+                save_file({k: v.contiguous() for k, v in rank_tensors.items()}, str(path))
+        # What this host wrote must be durable before the marker on another host declares it so.
+        fsync_tree(tmp)
+
+
+def _complete(trainer: StepEngine, tmp: Path, step: int, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Rank 0's last part: the config and tokenizer for export, then the marker that makes it a checkpoint."""
+    with library_io_errors(tmp / "hf"):
         trainer.module.config.save_pretrained(tmp / "hf")
         if trainer.module.generation_config is not None:
             trainer.module.generation_config.save_pretrained(tmp / "hf")
         tokenizer.save_pretrained(tmp / "hf")
-        meta = {
-            "format": FORMAT,
-            "step": step,
-            "tag": _tag(step),
-            "world_size": trainer.world_size,
-            "zero_stage": trainer.zero_stage,
-            "precision": trainer.precision,
-            "trainer": trainer.state_dict(),
-        }
-        _fsync_tree(tmp)
-        _write_json(tmp / MARKER, meta)
-        replace_dir(tmp, final)
-        prune(root, keep)
-    barrier()
-    return final
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``, moving an existing ``dst`` (a step saved again, an export redone) aside first."""
-    if dst.exists():
-        old = dst.with_name(f".old-{dst.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.rename(src, dst)
-    _fsync_dir(dst.parent)
+    meta = {
+        "format": FORMAT,
+        "step": step,
+        "tag": _tag(step),
+        "world_size": trainer.world_size,
+        "zero_stage": trainer.zero_stage,
+        "precision": trainer.precision,
+        "trainer": trainer.state_dict(),
+    }
+    with io_errors(tmp):
+        fsync_tree(tmp / "hf")
+        write_json(tmp / MARKER, meta)
 
 
 def read_meta(ckpt_dir: Path) -> dict[str, Any]:
@@ -155,7 +175,7 @@ def prune(root: Path, keep: int | None) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def load(trainer: Trainer, ckpt_dir: Path) -> dict[str, Any]:
+def load(trainer: StepEngine, ckpt_dir: Path) -> dict[str, Any]:
     """Restore model, optimizer, counters and this rank's generators; return the saved client state.
 
     The run must have the checkpoint's world size, ZeRO stage and precision: that is what makes
@@ -211,33 +231,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write ``path`` whole or not at all (temp file, fsync, rename)."""
-    part = path.with_name(path.name + ".part")
-    with open(part, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file of a finished save to disk before the marker declares it complete."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

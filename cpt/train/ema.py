@@ -12,24 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from pydantic import Field
-
-from cpt.schema import Strict
-
-
-class EmaConfig(Strict):
-    """``ema: {decay: 0.999}``: after every update, ema = decay * ema + (1 - decay) * weights."""
-
-    decay: float = Field(
-        gt=0,
-        lt=1,
-        description="Weight of the old average in each update; the average spans roughly the last "
-        "1 / (1 - decay) updates.",
-    )
-    export: bool = Field(
-        default=False,
-        description="Write the average, not the trained weights, to final/ and the releases; checkpoints keep both.",
-    )
 
 
 def _local(p: torch.nn.Parameter) -> torch.Tensor:

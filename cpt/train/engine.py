@@ -13,109 +13,58 @@ shows: a skipped step spends its lr without an update.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import Field, model_validator
-
 from cpt.errors import CptError
-from cpt.schema import Strict
+from cpt import dist
+from cpt.config.training import DistributedConfig, OptimizerConfig
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
 
-class DistributedConfig(Strict):
-    """How the run is spread over processes (the recipe's ``distributed`` block)."""
-
-    zero_stage: Literal[0, 1, 2, 3] = Field(
-        default=0,
-        description="DeepSpeed ZeRO stage: 0 plain data parallelism; 1 partitions the optimizer state over "
-        "processes, 2 the gradients too, 3 the weights too.",
-    )
-    num_processes: int = Field(
-        default=1,
-        ge=1,
-        description="Processes per node (deepspeed --num_gpus); with a hostfile, each listed host runs this many.",
-    )
-    offload_optimizer: bool = Field(
-        default=False, description="Keep the optimizer state in CPU memory (ZeRO-Offload); needs zero_stage 1, 2 or 3."
-    )
-    precision: Literal["fp32", "bf16"] = Field(
-        default="fp32",
-        description="Training precision; bf16 needs an accelerator that supports it, and the exported weights keep it.",
-    )
-    hostfile: str | None = Field(
-        default=None,
-        description="A DeepSpeed hostfile (one `<host> slots=<K>` line per node) for a multi-node run started "
-        "on the first host; null: this machine only.",
-    )
-    master_port: int | None = Field(
-        default=None,
-        ge=1,
-        le=65535,
-        description="Port of the processes' rendezvous on the first host; null: a free port, "
-        "or DeepSpeed's default 29500 with a hostfile.",
-    )
-
-    @model_validator(mode="after")
-    def _offload_needs_zero(self) -> DistributedConfig:
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3: the optimizer state is what ZeRO offloads")
-        return self
-
-
-class OptimizerConfig(Strict):
-    """AdamW and the update policy. Weight decay applies to matrices only, not to biases and norms."""
-
-    weight_decay: float = Field(
-        default=0.1,
-        ge=0,
-        allow_inf_nan=False,
-        description="AdamW's decoupled weight decay, applied to weight matrices only (not to biases and norms).",
-    )
-    betas: tuple[float, float] = Field(
-        default=(0.9, 0.95),
-        description="AdamW's decay rates of the first and second moment estimates, each in [0, 1).",
-    )
-    eps: float = Field(
-        default=1e-8, gt=0, allow_inf_nan=False, description="AdamW's epsilon, added to the denominator for stability."
-    )
-    grad_clip: float = Field(
-        default=1.0,
-        ge=0,
-        allow_inf_nan=False,
-        description="Largest global gradient norm; larger gradients are scaled down to it. 0 turns clipping off.",
-    )
-    max_nonfinite: int = Field(
-        default=10,
-        ge=0,
-        description="A step whose loss or gradient is non-finite is skipped (no update); the run stops "
-        "with an error once a stage has skipped more than this many.",
-    )
-
-    @model_validator(mode="after")
-    def _betas_in_range(self) -> OptimizerConfig:
-        if not all(0 <= b < 1 for b in self.betas):
-            raise ValueError("betas must both lie in [0, 1)")
-        return self
-
-
-@dataclass(frozen=True)
+@dataclass
 class StepResult:
-    """One optimizer step. ``loss`` is the mean over micro-batches and ranks; ``grad_norm`` is the
-    global norm before clipping (None when the step was skipped); ``group_losses`` the mean loss
-    of each group of sequences (None for a group absent from the batch)."""
+    """One optimizer step. The values stay on the device until read: reading ``loss``,
+    ``grad_norm`` or ``group_losses`` costs one host-device synchronisation, so the loop reads
+    them on logging steps only.
 
-    loss: float
-    grad_norm: float | None
+    ``loss`` is the mean over micro-batches and ranks; ``grad_norm`` the global norm before
+    clipping (None when the step was skipped); ``group_losses`` the mean loss of each group of
+    sequences (None for a group absent from the batch). ``stop`` is whether any rank was asked to
+    stop, agreed in the step's own reduction so that every rank stops after the same step.
+    """
+
     lr: float
     skipped: bool
-    group_losses: tuple[float | None, ...] = ()
+    stop: bool
+    totals: torch.Tensor  # reduced [loss sum, group loss sums, group counts, ...] on the device
+    n_losses: int  # micro-batches x ranks that the loss sum adds up
+    n_groups: int
+    norm: torch.Tensor | float | None = None
+
+    @cached_property
+    def _host(self) -> list[float]:
+        return self.totals.tolist()
+
+    @property
+    def loss(self) -> float:
+        return self._host[0] / self.n_losses
+
+    @property
+    def grad_norm(self) -> float | None:
+        return None if self.skipped or self.norm is None else float(self.norm)
+
+    @property
+    def group_losses(self) -> tuple[float | None, ...]:
+        n = self.n_groups
+        sums, counts = self._host[1 : 1 + n], self._host[1 + n : 1 + 2 * n]
+        return tuple(s / c if c else None for s, c in zip(sums, counts))
 
 
 def accelerator_env(env: MutableMapping[str, str]) -> MutableMapping[str, str]:
@@ -133,12 +82,15 @@ def import_deepspeed():
     return deepspeed
 
 
+def current_device() -> torch.device:
+    """This process's accelerator (its GPU under NCCL), where collectives must place their tensors."""
+    return torch.device(import_deepspeed().get_accelerator().current_device_name())
+
+
 def init_distributed() -> None:
     """Join the process group of a launcher (deepspeed, torchrun, accelerate), or make a group of one."""
     deepspeed = import_deepspeed()
-    import torch.distributed as dist
-
-    if dist.is_initialized():
+    if torch.distributed.is_initialized():
         return
     if "WORLD_SIZE" in os.environ:
         deepspeed.init_distributed()
@@ -146,21 +98,21 @@ def init_distributed() -> None:
     # A lone process: an in-memory store needs no port, so concurrent runs cannot collide.
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it unconditionally
     backend = deepspeed.get_accelerator().communication_backend_name()
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed()
 
 
-def ds_config(dist: DistributedConfig, opt: OptimizerConfig, micro_batch_size: int, grad_accum: int) -> dict[str, Any]:
+def ds_config(distributed: DistributedConfig, opt: OptimizerConfig, micro_batch_size: int, grad_accum: int) -> dict[str, Any]:
     """The DeepSpeed config for a run; the global batch follows from the world size."""
-    zero: dict[str, Any] = {"stage": dist.zero_stage}
-    if dist.offload_optimizer:
+    zero: dict[str, Any] = {"stage": distributed.zero_stage}
+    if distributed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": opt.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": dist.precision == "bf16"},
+        "bf16": {"enabled": distributed.precision == "bf16"},
         # The optimizer is AdamW with a skip switch (below); DeepSpeed's list of known ZeRO
         # optimizers compares exact types, so it must be told that the subclass is fine.
         "zero_allow_untested_optimizer": True,
@@ -203,7 +155,7 @@ def _optimizer(model: torch.nn.Module, opt: OptimizerConfig, offload: bool) -> t
     return type("SkippableAdamW", (_Skippable, torch.optim.AdamW), {})(groups, **kwargs)
 
 
-class Trainer:
+class StepEngine:
     """A DeepSpeed engine that takes one optimizer step per :meth:`train_step` call.
 
     Every rank calls every method (they are collective). ``updates`` counts applied steps and
@@ -252,13 +204,11 @@ class Trainer:
     def weights_finite(self) -> bool:
         """Whether every weight is finite, on every rank (collective; ZeRO-3 checks its shards)."""
         local = all(bool(torch.isfinite(_local_shard(p)).all()) for p in self.module.parameters())
-        flag = torch.tensor(int(local), device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
+        return bool(dist.reduce_values([float(local)], self.device, op="min")[0])
 
     def train_step(
         self, micro_batches: Sequence[torch.Tensor], step: int, groups: Sequence[torch.Tensor] | None = None,
-        n_groups: int = 0,
+        n_groups: int = 0, stop: bool = False,
     ) -> StepResult:
         """Forward and backward each ``(micro, seq_len)`` block of token ids, then update once with
         lr ``lr_fn(step)``.
@@ -266,39 +216,40 @@ class Trainer:
         The model predicts every next token of its input (labels are the inputs; Hugging Face
         shifts them). ``groups`` (one int tensor per micro-batch, values < ``n_groups``) labels
         each sequence, e.g. with its data domain; the result then carries the mean loss of each
-        group over all ranks. Raises :class:`CptError` once more than ``max_nonfinite`` steps had a
+        group over all ranks. ``stop`` is this rank's stop request, agreed over ranks in the
+        result. Raises :class:`CptError` once more than ``max_nonfinite`` steps had a
         non-finite loss; the model is then still the last good one.
         """
         engine = self.engine
         if len(micro_batches) != engine.gradient_accumulation_steps():
             raise ValueError(f"expected {engine.gradient_accumulation_steps()} micro-batches, got {len(micro_batches)}")
-        # one reduction for everything: [total loss, per-group loss sums, per-group sequence counts]
-        sums = torch.zeros(1 + 2 * n_groups, dtype=torch.float64, device=self.device)
+        # The step's one reduction: [loss sum, group loss sums, group counts, non-finite grad, stop].
+        totals = torch.zeros(3 + 2 * n_groups, dtype=torch.float64, device=self.device)
         # Without ZeRO the engine's forward wrapper only adds per-step bookkeeping (it hooks the
         # logits' gradient); the module itself is what runs, and engine.backward still scales
         # for accumulation and reduces across ranks. ZeRO stages need the wrapper.
         forward = engine.module if self.zero_stage == 0 else engine
         for i, ids in enumerate(micro_batches):
-            ids = ids.to(self.device)
+            ids = ids.to(self.device, non_blocking=True)
             if groups is None:
                 loss = forward(input_ids=ids, labels=ids).loss
             else:  # one cross-entropy gives both the loss and each sequence's share of it
                 per_token = _next_token_losses(forward(input_ids=ids).logits, ids)
                 loss = per_token.mean()
-                _add_group_losses(sums[1:], per_token.detach(), groups[i].to(self.device), n_groups)
+                _add_group_losses(totals[1 : 1 + 2 * n_groups], per_token.detach(), groups[i].to(self.device), n_groups)
             engine.backward(loss)
-            sums[0] += loss.detach().double()
+            totals[0] += loss.detach().double()
             if i < len(micro_batches) - 1:
                 engine.step()  # a no-op between accumulation boundaries, but DeepSpeed counts micro-steps
-        torch.distributed.all_reduce(sums)  # every rank sees the same loss, so every rank takes the same branch
-        mean = sums[0].item() / (len(micro_batches) * self.world_size)
-        group_sums, group_counts = sums[1 : 1 + n_groups].tolist(), sums[1 + n_groups :].tolist()
-        group_losses = tuple(s / c if c else None for s, c in zip(group_sums, group_counts))
-        lr = float(self.lr_fn(step))
         # DeepSpeed's ZeRO and bf16 wrappers measure the norm (and skip a non-finite one) themselves;
         # on the plain fp32 path the gradients are already all-reduced here, so every rank agrees.
-        grad_norm = None if self.zero_stage > 0 or self.precision == "bf16" else _grad_norm(self.module)
-        skip = not (math.isfinite(mean) and (grad_norm is None or math.isfinite(grad_norm)))
+        norm = None if self.zero_stage > 0 or self.precision == "bf16" else _grad_norm(self.module, self.device)
+        if norm is not None:
+            totals[-2] = (~torch.isfinite(norm)).double()
+        totals[-1] = float(stop)
+        dist.all_reduce(totals)  # every rank sees the same totals, so every rank takes the same branch
+        skip, stopping = torch.stack([~torch.isfinite(totals[0]) | (totals[-2] > 0), totals[-1] > 0]).tolist()
+        lr = float(self.lr_fn(step))
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         self._optimizer.skip = skip
@@ -306,6 +257,7 @@ class Trainer:
             engine.step()
         finally:
             self._optimizer.skip = False
+        result = StepResult(lr, skip, stopping, totals, len(micro_batches) * self.world_size, n_groups, norm)
         if skip or not engine.was_step_applied():
             self.nonfinite += 1
             if self.nonfinite > self.max_nonfinite:
@@ -314,11 +266,12 @@ class Trainer:
                     f"{self.max_nonfinite}; the last checkpoint holds the last good weights (try a lower lr)",
                     where="train",
                 )
-            return StepResult(loss=mean, grad_norm=None, lr=lr, skipped=True, group_losses=group_losses)
+            result.skipped = True
+            return result
         self.updates += 1
-        if grad_norm is None:
-            grad_norm = float(engine.get_global_grad_norm())
-        return StepResult(loss=mean, grad_norm=grad_norm, lr=lr, skipped=False, group_losses=group_losses)
+        if norm is None:
+            result.norm = engine.get_global_grad_norm()
+        return result
 
 
 def _next_token_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -334,10 +287,10 @@ def _add_group_losses(out: torch.Tensor, per_token: torch.Tensor, groups: torch.
     out[n:].index_add_(0, groups, torch.ones_like(per_sequence))
 
 
-def _grad_norm(model: torch.nn.Module) -> float:
-    """Global L2 norm of the (already all-reduced) gradients, before DeepSpeed clips them."""
+def _grad_norm(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """Global L2 norm of the (already all-reduced) gradients, before DeepSpeed clips them (on the device)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
 
 
 def _local_shard(p: torch.nn.Parameter) -> torch.Tensor:
@@ -347,12 +300,12 @@ def _local_shard(p: torch.nn.Parameter) -> torch.Tensor:
 
 def build_engine(
     model: torch.nn.Module,
-    dist: DistributedConfig,
+    distributed: DistributedConfig,
     opt: OptimizerConfig,
     lr_fn: Callable[[int], float],
     micro_batch_size: int,
     grad_accum: int,
-) -> Trainer:
+) -> StepEngine:
     """Wrap ``model`` in a DeepSpeed engine (AdamW, the run's ZeRO stage and precision).
 
     Works alone (a process group of one is made) or under any launcher; every rank must pass a
@@ -360,14 +313,14 @@ def build_engine(
     """
     deepspeed = import_deepspeed()
     init_distributed()
-    if dist.precision == "bf16" and not deepspeed.get_accelerator().is_bf16_supported():
+    if distributed.precision == "bf16" and not deepspeed.get_accelerator().is_bf16_supported():
         raise CptError("bf16 is not supported by this accelerator; use precision: fp32", where="distributed.precision")
-    optimizer = _optimizer(model, opt, dist.offload_optimizer)
+    optimizer = _optimizer(model, opt, distributed.offload_optimizer)
     # DeepSpeed's mixed-precision wrapper for bf16 without ZeRO steps once with zero gradients to
     # allocate Adam's state; that phantom step would shift Adam's bias correction by one forever.
     optimizer.skip = True
     try:
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(dist, opt, micro_batch_size, grad_accum))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(distributed, opt, micro_batch_size, grad_accum))
     finally:
         optimizer.skip = False
-    return Trainer(engine, optimizer, lr_fn, opt.max_nonfinite)
+    return StepEngine(engine, optimizer, lr_fn, opt.max_nonfinite)

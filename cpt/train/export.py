@@ -9,23 +9,24 @@ whether from the live engine or (rounded from the fp32 master weights) from a ch
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from cpt.errors import CptError
-from cpt.train.checkpoint import read_meta, replace_dir
+from cpt import dist
+from cpt.io import library_io_errors, staged_dir
+from cpt.train.checkpoint import read_meta
 from cpt.train.engine import import_deepspeed
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-    from cpt.train.engine import Trainer
+    from cpt.train.engine import StepEngine
 
 
-def gather_state_dict(trainer: Trainer) -> dict[str, torch.Tensor] | None:
+def gather_state_dict(trainer: StepEngine) -> dict[str, torch.Tensor] | None:
     """Full CPU copies of the weights and persistent buffers on rank 0, None on other ranks.
 
     Collective. Under ZeRO-3 the shards are gathered one weight at a time, so no rank ever holds
@@ -45,7 +46,7 @@ def gather_state_dict(trainer: Trainer) -> dict[str, torch.Tensor] | None:
     return state
 
 
-def export_hf(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+def export_hf(trainer: StepEngine, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
     """Write the live model as a Hugging Face directory (every rank calls this; rank 0 writes)."""
     if not trainer.weights_finite():
         raise CptError(f"not exporting to {out_dir}: the model has non-finite weights", where="export")
@@ -53,7 +54,7 @@ def export_hf(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out_dir: Pat
     if state is not None:
         module = trainer.module
         write_hf(module.config, state, tokenizer, Path(out_dir), generation_config=module.generation_config)
-    torch.distributed.barrier()
+    dist.barrier()
 
 
 def export_checkpoint(ckpt_dir: Path, out_dir: Path, *, trust_remote_code: bool = False) -> None:
@@ -66,6 +67,9 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, *, trust_remote_code: bool 
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
     hf = ckpt_dir / "hf"
+    missing = [name for name in ("hf/config.json", meta["tag"]) if not (ckpt_dir / name).exists()]
+    if missing:  # a checkpoint copied in part: say so before any weights are read
+        raise CptError(f"{ckpt_dir} is not a complete cpt checkpoint: no {' and no '.join(missing)}", "export")
     config = AutoConfig.from_pretrained(hf, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(hf, trust_remote_code=trust_remote_code)
     generation = GenerationConfig.from_pretrained(hf) if (hf / "generation_config.json").exists() else None
@@ -100,12 +104,9 @@ def write_hf(
     if generation_config is not None:  # the base model's sampling defaults, not ones derived from its config
         model.generation_config = generation_config
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, out_dir)
+    with staged_dir(out_dir) as tmp, library_io_errors(out_dir):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def _model_from_state_dict(config: PretrainedConfig, state: dict[str, torch.Tensor], trust_remote_code: bool) -> PreTrainedModel:

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import psutil
 
-from cpt.train.engine import DistributedConfig, accelerator_env
+from cpt.config.training import DistributedConfig
+from cpt.train.engine import accelerator_env
 
 DEFAULT_MASTER_PORT = 29500  # DeepSpeed's own default, for hosts other than this one
 

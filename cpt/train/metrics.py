@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from cpt import faults
+from cpt.io import io_errors, write_text
 
 
 class MetricsLog:
@@ -35,18 +37,18 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line.strip() and _updates_of(line) <= updates]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write(json.dumps(jsonable(record)) + "\n")
-        self._file.flush()
+        with io_errors(self.path):  # a torn line from a full disk is dropped by the next truncate_to
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")
+            self._file.write(json.dumps(jsonable(record)) + "\n")
+            self._file.flush()
+            faults.point("metrics.write", self.path)
         if self._writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

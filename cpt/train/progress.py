@@ -19,14 +19,18 @@ class Progress:
         self._t0 = time.perf_counter()
         self._start = start
         self._tokens = 0
+        self._loss = float("nan")
         if enabled and self._tty:
             self._bar = tqdm(total=total, initial=start, desc=stage, unit="step", dynamic_ncols=True)
 
-    def update(self, step: int, tokens: int, loss: float, lr: float) -> None:
-        """Called after optimizer step ``step`` (0-based) that consumed ``tokens`` tokens."""
+    def update(self, step: int, tokens: int, loss: float | None, lr: float) -> None:
+        """Called after optimizer step ``step`` (0-based) that consumed ``tokens`` tokens; ``loss``
+        is None on steps that did not read it (it would cost a device synchronisation)."""
         if not self.enabled:
             return
         self._tokens += tokens
+        self._loss = self._loss if loss is None else loss
+        loss = self._loss
         rate = self._tokens / max(time.perf_counter() - self._t0, 1e-9)
         if self._bar is not None:
             self._bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.3g} {rate:,.0f} tok/s", refresh=False)

@@ -15,8 +15,6 @@ latest complete checkpoint with everything restored, so the continuation is exac
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import sys
 import time
@@ -27,24 +25,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cpt import dist
 from cpt.data.sampler import MixtureSampler
 from cpt.data.tokenizer import check_tokenizer_matches
 from cpt.errors import CptError
 from cpt.eval.during_training import StageEvaluator
 from cpt.eval.summary import stage_summary
+from cpt.io import claim_dir, write_json
+from cpt.lock import FILES as LOCK_FILES
 from cpt.plan import StagePlan, plan_recipe
 from cpt.recipe import Recipe, dump_recipe
-from cpt.train import checkpoint
+from cpt.train.checkpoint import load_rank_tensors
+from cpt.train.checkpointer import Checkpointer, Fork, Restored, restore
 from cpt.train.ema import Ema
-from cpt.train.engine import build_engine, init_distributed
+from cpt.train.engine import StepEngine, build_engine, init_distributed
 from cpt.train.export import export_hf
-from cpt.train.launch import distributed_context, needs_launch, relaunch_under_deepspeed
+from cpt.train.job import start_job
+from cpt.train.launch import distributed_context
 from cpt.train.metrics import MetricsLog, jsonable, read_metrics
 from cpt.train.model import build_model, resize_for_tokenizer
 from cpt.train.progress import Progress
-from cpt.train.schedules import decay_ends, lr_at
-
-PREPARED_ENV = "CPT_RUN_PREPARED"  # set by the parent for processes it launches: the directory is ready
+from cpt.train.schedules import lr_at
+from cpt.train.step_log import StepLog
 
 
 @dataclass
@@ -57,32 +59,13 @@ class RunOptions:
 
 def prepare_output_dir(recipe: Recipe, opts: RunOptions) -> None:
     """Claim the run directory: never clobber one without --resume or --overwrite."""
-    out = opts.output_dir
-    text = dump_recipe(recipe)
-    saved = out / "recipe.yaml"
-    if out.exists() and any(out.iterdir()):
-        if opts.resume and saved.is_file():
-            if saved.read_text() != text:
-                raise CptError(
-                    f"the recipe differs from the one this run was started with ({saved}); resume with the same "
-                    "recipe and --set overrides, or start a new run with another --output-dir",
-                    "output_dir",
-                )
-            return
-        if opts.overwrite:
-            shutil.rmtree(out)
-        elif opts.resume:
-            raise CptError(f"{out} is not a cpt run directory (no recipe.yaml); nothing to resume", "output_dir")
-        else:
-            raise CptError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it", "output_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, saved)
+    claim_dir(opts.output_dir, "recipe.yaml", dump_recipe(recipe), resume=opts.resume, overwrite=opts.overwrite,
+              keep=LOCK_FILES)
 
 
 class StopRequest:
-    """SIGTERM / SIGINT ask the run to finish its step, checkpoint and exit cleanly."""
+    """SIGTERM / SIGINT ask the run to finish its step, checkpoint and exit cleanly; the ranks agree
+    on it in the step's own reduction (:meth:`StepEngine.train_step`), so all stop after one step."""
 
     def __init__(self):
         self.requested = False
@@ -91,46 +74,17 @@ class StopRequest:
     def _handle(self, signum, _frame):
         self.requested = True
 
-    def agreed(self, world_size: int) -> bool:
-        """Whether any rank was asked to stop: every rank must stop at the same step."""
-        if world_size == 1:
-            return self.requested
-        flag = torch.tensor(int(self.requested))
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
 
 def run(recipe: Recipe, opts: RunOptions, argv: list[str]) -> int:
-    """Prepare the directory and data once, then train here or in the processes the recipe asks for."""
-    ctx = distributed_context()
-    if not ctx.launched:
-        prepare_output_dir(recipe, opts)
-        plans = plan_recipe(recipe)  # tokenizes once, before any worker starts
-        if needs_launch(recipe.distributed):
-            os.environ[PREPARED_ENV] = "1"
-            return relaunch_under_deepspeed(argv, recipe.distributed)
-        return train(recipe, plans, opts)
-    init_distributed()
-    if os.environ.get(PREPARED_ENV) != "1":  # started by an outside launcher: rank 0 claims the directory
-        problem = [None]
-        if ctx.is_main:
-            try:
-                prepare_output_dir(recipe, opts)
-            except CptError as exc:
-                problem = [exc]
-        torch.distributed.broadcast_object_list(problem, src=0)
-        if problem[0] is not None:
-            raise problem[0]
-    if not ctx.is_main:
-        torch.distributed.barrier()  # rank 0 fills the data cache first
-    plans = plan_recipe(recipe)
-    if ctx.is_main:
-        torch.distributed.barrier()
-    return train(recipe, plans, opts)
+    """Lock and claim the directory, prepare the data once, then train here or in the recipe's processes."""
+    return start_job(
+        opts.output_dir, recipe.distributed, argv, claim=lambda: prepare_output_dir(recipe, opts),
+        prepare=lambda: plan_recipe(recipe), work=lambda plans: train(recipe, plans, opts),
+    )
 
 
 def train(recipe: Recipe, plans: list[StagePlan], opts: RunOptions) -> int:
@@ -165,33 +119,92 @@ def train(recipe: Recipe, plans: list[StagePlan], opts: RunOptions) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class Fork:
-    """Start a stage from another run's checkpoint: its weights, optimizer and data position."""
+def fork_stage(recipe: Recipe, plan: StagePlan, index: int, fork: Fork, out_dir: Path, resume: bool) -> bool:
+    """Train ``plan`` into ``out_dir`` as a branch that continues ``fork``'s checkpoint exactly
+    (weights, optimizer moments, generators, data position); True when it finished."""
+    init_distributed()
+    # The architecture comes from the checkpoint's config; its weights are loaded from the checkpoint.
+    start_model = {"config": read_checkpoint_config(fork.checkpoint)}
+    stop = StopRequest()
+    try:
+        return train_stage(recipe, plan, index, start_model, out_dir, resume, stop, fork=fork)
+    finally:
+        stop.restore()
 
-    checkpoint: Path
-    domains: list[str]  # the checkpointed run's domain order, to map its sampler counts by name
+
+def read_checkpoint_config(ckpt: Path) -> dict:
+    return json.loads((ckpt / "hf" / "config.json").read_text())
 
 
 def train_stage(
-    recipe: Recipe,
-    plan: StagePlan,
-    index: int,
-    start_model,
-    stage_dir: Path,
-    resume: bool,
-    stop: StopRequest,
+    recipe: Recipe, plan: StagePlan, index: int, start_model, stage_dir: Path, resume: bool, stop: StopRequest,
     fork: Fork | None = None,
 ) -> bool:
     """Train one stage to its end (True) or until a stop request was checkpointed (False)."""
-    stage, steps = plan.stage, plan.steps
-    ctx = distributed_context()
-    ckpt_root = stage_dir / "checkpoints"
+    stage, steps, ctx = plan.stage, plan.steps, distributed_context()
+    engine = _stage_engine(recipe, plan, index, start_model)
+    restored = restore(engine, plan, stage_dir / "checkpoints", resume, fork)
+    ema = _stage_ema(engine, stage, restored, ctx.rank)
+    sampler = MixtureSampler(
+        plan.weights, [len(plan.blocks[d]) for d in plan.domains], stage.batch.global_batch_size, recipe.seed,
+        stage.name, ctx.rank, ctx.world_size, offsets=restored.offsets,
+    )
+    if restored.sampler is not None:
+        sampler.load_state_dict(restored.sampler)
+    start = restored.step
+    metrics = MetricsLog(stage_dir / "metrics.jsonl", enabled=ctx.is_main,
+                         tensorboard_dir=stage_dir / "tensorboard" if recipe.tensorboard else None)
+    metrics.truncate_to(start)
+    evaluator = StageEvaluator(recipe, plan, ctx.rank, ctx.world_size) if stage.evaluation.enabled else None
+    if evaluator is not None and start > 0:
+        evaluator.restore_base(metrics.path)
+    exported = ema.applied if ema is not None and stage.ema.export else nullcontext
+    checkpointer = Checkpointer(engine, plan, stage_dir, sampler, restored, ema, exported)
+    progress = Progress(stage_dir.name, steps, start, enabled=ctx.is_main, every=max(1, steps // 20))
+    log = StepLog(plan, metrics, progress)
+    dist.barrier()
+    train_seconds = 0.0
+    try:
+        if evaluator is not None and start == 0:
+            metrics.write(evaluator.evaluate(engine.module, engine.device, 0, ema))
+        for step in range(start, steps):
+            started = time.perf_counter()
+            rows = sampler.next_step()
+            micro = stage.batch.micro_batch_size
+            result = engine.train_step(
+                list(_gather(plan, rows).split(micro)), step, groups=list(torch.from_numpy(rows[:, 0]).split(micro)),
+                n_groups=len(plan.domains), stop=stop.requested,
+            )
+            if ema is not None and not result.skipped:
+                ema.update()
+            train_seconds += time.perf_counter() - started
+            done = step + 1
+            log.after_step(step, result, engine, sampler)
+            if evaluator is not None and evaluator.due(done):
+                metrics.write(evaluator.evaluate(engine.module, engine.device, done, ema))
+            stopping = result.stop and done < steps
+            checkpointer.after_step(done, stopping)
+            if stopping:
+                return False
+        metrics.close()
+        if evaluator is not None and ctx.is_main:
+            write_summary(stage_dir, plan, train_seconds if start == 0 else None)
+        with exported():
+            export_hf(engine, plan.tokenizer, stage_dir / "final")
+        return True
+    finally:
+        progress.close()
+        metrics.close()
+
+
+def _stage_engine(recipe: Recipe, plan: StagePlan, index: int, start_model) -> StepEngine:
+    """The stage's starting model wrapped in its DeepSpeed engine, with the stage's lr schedule."""
+    stage, world = plan.stage, distributed_context().world_size
     batch = stage.batch.global_batch_size
-    per_rank = batch // ctx.world_size
-    if batch % ctx.world_size or per_rank % stage.batch.micro_batch_size:
+    per_rank = batch // world
+    if batch % world or per_rank % stage.batch.micro_batch_size:
         raise CptError(
-            f"global_batch_size {batch} must split into {ctx.world_size} processes x whole micro-batches of "
+            f"global_batch_size {batch} must split into {world} processes x whole micro-batches of "
             f"{stage.batch.micro_batch_size}",
             f"stages.{stage.name}.batch",
         )
@@ -200,106 +213,21 @@ def train_stage(
     torch.manual_seed(recipe.seed + index)  # identical fresh weights on every rank
     model = build_model(start_model, trust_remote_code=stage.trust_remote_code)
     resize_for_tokenizer(model, plan.tokenizer)
-    trainer = build_engine(
-        model,
-        recipe.distributed,
-        stage.optimizer,
-        lambda t: lr_at(stage.schedule, t, steps),
-        stage.batch.micro_batch_size,
-        per_rank // stage.batch.micro_batch_size,
+    return build_engine(
+        model, recipe.distributed, stage.optimizer, lambda t: lr_at(stage.schedule, t, plan.steps),
+        stage.batch.micro_batch_size, per_rank // stage.batch.micro_batch_size,
     )
-    latest = checkpoint.latest(ckpt_root) if resume else None
-    state = {"step": 0, "sampler": None, "offsets": None}
-    restored = None  # the checkpoint whose per-rank tensors (the EMA) continue here
-    if latest is not None:
-        state = checkpoint.load(trainer, latest)
-        restored = latest
-    elif fork is not None:
-        parent = checkpoint.load(trainer, fork.checkpoint)
-        counts = dict(zip(fork.domains, parent["sampler"]["counts"]))
-        state["offsets"] = [counts.get(d, 0) for d in plan.domains]
-        trainer.load_state_dict({"updates": 0, "nonfinite": 0})
-        restored = fork.checkpoint
-    ema = Ema(trainer.module, stage.ema.decay) if stage.ema is not None else None
-    if ema is not None and restored is not None:
-        saved = checkpoint.load_rank_tensors(restored, ctx.rank)
+
+
+def _stage_ema(engine: StepEngine, stage, restored: Restored, rank: int) -> Ema | None:
+    if stage.ema is None:
+        return None
+    ema = Ema(engine.module, stage.ema.decay)
+    if restored.source is not None:
+        saved = load_rank_tensors(restored.source, rank)
         if saved is not None:  # a fork from a run without EMA starts the average at its weights
             ema.load_state_dict(saved)
-    sampler = MixtureSampler(
-        plan.weights, [len(plan.blocks[d]) for d in plan.domains], batch, recipe.seed, stage.name,
-        ctx.rank, ctx.world_size, offsets=state.get("offsets"),
-    )
-    if state["sampler"] is not None:
-        sampler.load_state_dict(state["sampler"])
-    start = int(state["step"])
-    metrics = MetricsLog(
-        stage_dir / "metrics.jsonl",
-        enabled=ctx.is_main,
-        tensorboard_dir=stage_dir / "tensorboard" if recipe.tensorboard else None,
-    )
-    metrics.truncate_to(start)
-    evaluator = StageEvaluator(recipe, plan, ctx.rank, ctx.world_size) if stage.evaluation.enabled else None
-    if evaluator is not None and start > 0:
-        evaluator.restore_base(metrics.path)
-    torch.distributed.barrier()
-
-    release_steps = set(decay_ends(stage.schedule, steps)) - {steps}
-    every = stage.checkpoint.every
-    progress = Progress(stage_dir.name, steps, start, enabled=ctx.is_main, every=max(1, steps // 20))
-    seq_len = stage.seq_len
-    train_seconds = 0.0
-    exported = ema.applied if ema is not None and stage.ema.export else nullcontext
-    try:
-        if evaluator is not None and start == 0:
-            metrics.write(evaluator.evaluate(trainer.module, trainer.device, 0, ema))
-        for step in range(start, steps):
-            started = time.perf_counter()
-            rows = sampler.next_step()
-            micro = stage.batch.micro_batch_size
-            result = trainer.train_step(
-                list(_gather(plan, rows).split(micro)), step,
-                groups=list(torch.from_numpy(rows[:, 0]).split(micro)), n_groups=len(plan.domains),
-            )
-            if ema is not None and not result.skipped:
-                ema.update()
-            train_seconds += time.perf_counter() - started
-            done = step + 1
-            if done % stage.log_every == 0 or done == steps or result.skipped:
-                realized = sampler.realized_blocks() * seq_len
-                metrics.write(
-                    {
-                        "step": step,
-                        "tokens": done * stage.tokens_per_step,
-                        "lr": result.lr,
-                        "loss": result.loss,
-                        "grad_norm": result.grad_norm,
-                        "skipped": trainer.nonfinite,
-                        **{f"loss/{d}": loss for d, loss in zip(plan.domains, result.group_losses) if loss is not None},
-                        **{f"tokens/{d}": int(n) for d, n in zip(plan.domains, realized)},
-                    }
-                )
-            progress.update(step, stage.tokens_per_step, result.loss, result.lr)
-            if evaluator is not None and evaluator.due(done):
-                metrics.write(evaluator.evaluate(trainer.module, trainer.device, done, ema))
-            stopping = stop.agreed(ctx.world_size) and done < steps
-            if done == steps or stopping or (every and done % every == 0) or done in release_steps:
-                client = {"step": done, "sampler": sampler.state_dict(), "offsets": state.get("offsets")}
-                checkpoint.save(trainer, ckpt_root, done, client, tokenizer=plan.tokenizer, keep=stage.checkpoint.keep,
-                                rank_tensors=ema.state_dict() if ema is not None else None)
-            if done in release_steps:
-                with exported():
-                    export_hf(trainer, plan.tokenizer, stage_dir / "releases" / f"step-{done}")
-            if stopping:
-                return False
-        metrics.close()
-        if evaluator is not None and ctx.is_main:
-            write_summary(stage_dir, plan, train_seconds if start == 0 else None)
-        with exported():
-            export_hf(trainer, plan.tokenizer, stage_dir / "final")
-        return True
-    finally:
-        progress.close()
-        metrics.close()
+    return ema
 
 
 def write_summary(stage_dir: Path, plan: StagePlan, train_seconds: float | None) -> None:
@@ -308,9 +236,7 @@ def write_summary(stage_dir: Path, plan: StagePlan, train_seconds: float | None)
         read_metrics(stage_dir / "metrics.jsonl"), stage=plan.name, steps=plan.steps, tokens=plan.tokens,
         targeted=plan.stage.evaluation.targets or list(plan.stage.data), train_seconds=train_seconds,
     )
-    tmp = stage_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, stage_dir / "summary.json")
+    write_json(stage_dir / "summary.json", jsonable(summary), indent=2, allow_nan=False)
 
 
 def _gather(plan: StagePlan, rows: np.ndarray) -> torch.Tensor:

@@ -16,7 +16,8 @@ from transformers import AutoTokenizer
 
 import tiny
 from cpt.train.checkpoint import load, save
-from cpt.train.engine import DistributedConfig, OptimizerConfig, build_engine
+from cpt.config.training import DistributedConfig, OptimizerConfig
+from cpt.train.engine import build_engine
 from cpt.train.export import export_hf, gather_state_dict
 from cpt.train.launch import distributed_context
 from cpt.train.model import build_model, resize_for_tokenizer

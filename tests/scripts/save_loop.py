@@ -15,7 +15,8 @@ from transformers import AutoTokenizer
 
 import tiny
 from cpt.train.checkpoint import save
-from cpt.train.engine import DistributedConfig, OptimizerConfig, build_engine
+from cpt.config.training import DistributedConfig, OptimizerConfig
+from cpt.train.engine import build_engine
 from cpt.train.model import build_model
 
 root, tokenizer = Path(sys.argv[1]), AutoTokenizer.from_pretrained(sys.argv[2])

@@ -1,0 +1,156 @@
+"""Files that are whole or absent: atomic writes, directory replacement and run-directory claims.
+
+Every file cpt writes for later reading goes through here, so that a crash, a kill or a full disk
+never leaves a half-written file that a later run would take for a good one: content goes to a
+temporary sibling, is flushed to disk, and is renamed into place (then the directory entry is
+flushed too). An ``OSError`` becomes a :class:`CptError` naming the path and the cause.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cpt import faults
+from cpt.errors import CptError, first_line
+
+
+@contextmanager
+def io_errors(path: Path | str) -> Iterator[None]:
+    """Report an I/O failure (disk full, permission, ...) as one line naming ``path`` and the cause."""
+    try:
+        yield
+    except OSError as exc:
+        raise CptError(f"cannot write: {exc.strerror or exc}", where=str(getattr(exc, "filename", None) or path)) from None
+
+
+# How torch's and safetensors' writers word a failed write (they raise RuntimeError and their own types).
+_WRITE_FAILURE = re.compile(r"write failed|No space left|os error|IoError|Input/output error", re.IGNORECASE)
+
+
+@contextmanager
+def library_io_errors(path: Path | str) -> Iterator[None]:
+    """Like :func:`io_errors` around a library's save call, whose writers wrap the OS error in their own."""
+    with io_errors(path):
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is a failed write
+            if isinstance(exc, (OSError, CptError)) or not _WRITE_FAILURE.search(str(exc)):
+                raise
+            raise CptError(f"cannot write: {first_line(exc)}", where=str(path)) from None
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all."""
+    write_with(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path, data: Any, **dump_kwargs: Any) -> None:
+    write_text(path, json.dumps(data, **dump_kwargs) + ("\n" if dump_kwargs.get("indent") else ""))
+
+
+def write_with(path: Path, write: Callable[[Path], Any]) -> None:
+    """Let ``write(tmp)`` produce the file (a plot, a table...) at a temporary sibling, then publish it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with io_errors(path):
+        try:
+            write(tmp)
+            faults.point("io.write", path)
+            fsync_file(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+
+
+@contextmanager
+def staged_dir(target: Path) -> Iterator[Path]:
+    """A fresh temporary sibling of ``target`` to fill; on success it replaces ``target`` whole."""
+    target = Path(target)
+    with io_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.", dir=target.parent))
+        try:
+            yield staging
+            fsync_tree(staging)
+            replace_dir(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; an existing ``dst`` (a step saved again, an export redone) is moved
+    aside first, so readers see the old directory or the new one, never a mix."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".old-{dst.name}.", dir=dst.parent))
+        os.rename(dst, old / dst.name)
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(src, dst)
+    fsync_dir(dst.parent)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fsync_file(path)
+
+
+def fsync_tree(root: Path, *, only: Callable[[Path], bool] = lambda _: True) -> None:
+    """Flush the files under ``root`` (those ``only`` accepts) and their directories to disk."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            if only(path):
+                fsync_file(path)
+        fsync_dir(Path(dirpath))
+
+
+def claim_dir(out: Path, identity: str, text: str, *, resume: bool, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
+    """Make ``out`` the directory of the job described by ``text`` (saved as ``out/identity``).
+
+    An existing directory is continued only with ``resume`` and the same ``text``, replaced only
+    with ``overwrite`` (its entries named in ``keep``, such as the lock, stay); anything else is
+    refused, so no run is ever clobbered by accident.
+    """
+    out = Path(out)
+    saved = out / identity
+    existing = [p for p in out.iterdir() if p.name not in keep] if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise CptError("exists and is not a directory", str(out))
+    if existing:
+        if resume and saved.is_file():
+            if saved.read_text() != text:
+                raise CptError(
+                    f"the settings differ from the ones this job was started with ({saved}); resume with the same "
+                    "recipe and --set overrides, or choose another output directory",
+                    str(out),
+                )
+            return
+        if overwrite:
+            with io_errors(out):
+                for p in existing:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        elif resume:
+            raise CptError(f"not a cpt job directory (no {identity}); nothing to resume", str(out))
+        else:
+            raise CptError("already exists; pass --resume to continue it or --overwrite to replace it", str(out))
+    with io_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+    write_text(saved, text)
