@@ -23,9 +23,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cpt.config.data import DomainConfig  # noqa: E402
 from cpt.data.pack import load_blocks  # noqa: E402
 from cpt.data.sampler import MixtureSampler  # noqa: E402
-from cpt.data.sources import DomainConfig, iter_documents  # noqa: E402
+from cpt.data.sources import iter_documents  # noqa: E402
 from cpt.data.tokenizer import TrainTokenizerConfig, train_tokenizer  # noqa: E402
 from cpt.recipe import load_recipe  # noqa: E402
 from cpt.train.model import build_model  # noqa: E402
@@ -101,8 +102,8 @@ def sampler_vs_step(tokenizer) -> float:
 RSS_CHILD = """
 import sys
 from pathlib import Path
+from cpt.config.data import DomainConfig
 from cpt.data.pack import load_blocks
-from cpt.data.sources import DomainConfig
 from cpt.data.tokenizer import load_tokenizer
 tok = load_tokenizer(sys.argv[1])
 domain = DomainConfig(source=sys.argv[2], heldout=1)

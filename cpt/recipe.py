@@ -19,9 +19,10 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
+from cpt.config.data import DomainConfig
 from cpt.config.evaluation import EvaluationConfig, task_problem
 from cpt.data.mixture import MixtureConfig, weight_matrix
-from cpt.data.sources import DomainConfig, check_domain
+from cpt.data.sources import check_domain
 from cpt.data.tokenizer import TokenizerConfig
 from cpt.errors import CptError, CptErrors
 from cpt.schema import Strict

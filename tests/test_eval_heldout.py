@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cpt.data.sources import DomainConfig, iter_documents
+from cpt.config.data import DomainConfig
+from cpt.data.sources import iter_documents
 from cpt.data.tokenizer import TrainTokenizerConfig, train_tokenizer
 from cpt.eval.heldout import heldout_losses, heldout_sets, perplexity
 from cpt.eval.lockstep import lockstep_sums

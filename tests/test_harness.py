@@ -11,7 +11,8 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from cpt.data.sources import DomainConfig, iter_documents
+from cpt.config.data import DomainConfig
+from cpt.data.sources import iter_documents
 from cpt.data.tokenizer import TrainTokenizerConfig, train_tokenizer
 from cpt.errors import CptError
 from cpt.config.evaluation import HarnessConfig

@@ -13,8 +13,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import cpt.data.pack as pack
+from cpt.config.data import DomainConfig
 from cpt.data.pack import block_stats, cache_path, load_blocks
-from cpt.data.sources import DomainConfig, iter_documents
+from cpt.data.sources import iter_documents
 from cpt.data.tokenizer import TrainTokenizerConfig, train_tokenizer
 from cpt.errors import CptError
 

@@ -14,16 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from cpt.data.sources import (
-    DomainConfig,
-    check_domain,
-    fingerprint,
-    heldout_size,
-    iter_documents,
-    module_docstrings,
-    stdlib_files,
-    stdlib_test_files,
-)
+from cpt.config.data import BUILTINS, DomainConfig
+from cpt.data.builtin import CORPORA, module_docstrings, stdlib_files, stdlib_test_files
+from cpt.data.sources import check_domain, fingerprint, iter_documents
+from cpt.data.splits import heldout_size
 from cpt.errors import CptError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # datasets reads it when first imported, inside the tests below
@@ -123,6 +117,7 @@ def test_python_tests_without_the_suite_is_an_error_naming_the_package(tmp_path:
 
 
 def test_builtins_pass_their_checks_and_have_stable_fingerprints():
+    assert set(CORPORA) == set(BUILTINS)  # every name the schema accepts has a reader
     for name in ("python-stdlib", "python-docs"):
         cfg = DomainConfig(source=f"builtin:{name}")
         check_domain(cfg)

@@ -9,7 +9,8 @@ import pytest
 from pydantic import ValidationError
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from cpt.data.sources import DomainConfig, iter_documents
+from cpt.config.data import DomainConfig
+from cpt.data.sources import iter_documents
 from cpt.data.tokenizer import (
     EOS,
     PAD,

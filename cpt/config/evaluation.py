@@ -18,7 +18,7 @@ from cpt.errors import CptError
 from cpt.schema import Length, Strict
 
 if TYPE_CHECKING:
-    from cpt.data.sources import DomainConfig
+    from cpt.config.data import DomainConfig
 
 NEXTLINE = "cpt_nextline"  # the offline next-line tasks, one per domain (cpt.eval.nextline)
 YAML_SUFFIXES = (".yaml", ".yml")

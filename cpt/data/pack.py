@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from cpt.data.sources import DomainConfig, Split, fingerprint, iter_documents
+from cpt.config.data import DomainConfig
+from cpt.data.sources import fingerprint, iter_documents
+from cpt.data.splits import Split
 from cpt.data.tokenizer import tokenizer_fingerprint
 from cpt.errors import CptError
 

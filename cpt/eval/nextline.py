@@ -21,8 +21,9 @@ from pathlib import Path
 
 import yaml
 
+from cpt.config.data import DomainConfig
 from cpt.config.evaluation import NEXTLINE, nextline_task
-from cpt.data.sources import DomainConfig, fingerprint, iter_documents
+from cpt.data.sources import fingerprint, iter_documents
 from cpt.errors import CptError
 
 FORMAT_VERSION = 1  # bump whenever the examples or the task YAML change

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import torch
     from lm_eval.tasks import TaskManager
 
-    from cpt.data.sources import DomainConfig
+    from cpt.config.data import DomainConfig
 
 log = logging.getLogger(__name__)
 
