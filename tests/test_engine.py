@@ -311,3 +311,21 @@ def test_group_losses_split_the_step_loss_by_sequence_label(tokenizer):
     assert result.loss == pytest.approx(reference.loss, rel=1e-5)
     for a, b in zip(labelled.module.parameters(), plain.module.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_one_reduction_per_step_carries_loss_groups_skip_and_stop(tokenizer, monkeypatch):
+    """Loss, per-domain sums, the skip decision and the stop flag travel in one collective, on the
+    engine's device (NCCL takes nothing else)."""
+    from cpt import dist
+
+    trainer = build_engine(fresh_model(tokenizer), DistributedConfig(), OptimizerConfig(), lr_fn, 2, 2)
+    data = tiny.blocks(tokenizer, 4)
+    calls = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op="sum": calls.append(t.device) or real(t, op))
+    groups = [torch.tensor([0, 1]), torch.tensor([1, 1])]
+    result = trainer.train_step([data[:2], data[2:]], 0, groups=groups, n_groups=2, stop=True)
+    assert calls == [trainer.device]
+    assert result.stop and not result.skipped
+    assert result.loss > 0 and all(v is not None for v in result.group_losses)
+    assert not trainer.train_step([data[:2], data[2:]], 1).stop

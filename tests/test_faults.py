@@ -1,0 +1,195 @@
+"""Kill -9 at every phase of a save, random kills, a full disk: each resumed run ends exactly as an
+uninterrupted one, and a release is never lost (issue 11, items 2, 7 and 10)."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cpt.train.metrics import read_metrics, train_records
+
+pytestmark = pytest.mark.slow
+
+RECIPE = """
+name: faults
+seed: 3
+output_dir: {out}
+distributed: {{zero_stage: {zero}, num_processes: {procs}}}
+stages:
+  - name: s
+    model:
+      config: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
+               num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64}}
+    tokenizer:
+      train: {{vocab_size: 384, max_documents: 40}}
+    data:
+      prose: {{source: "builtin:python-docs", heldout: 4, max_documents: 30}}
+      code: {{source: "builtin:python-stdlib", heldout: 4, max_documents: 30}}
+    schedule: {{type: wsd-s, lr: 5.0e-3, warmup: 1, period: 4, decay: 2}}
+    steps: 8
+    seq_len: 32
+    batch: {{global_batch_size: 4, micro_batch_size: 2}}
+    checkpoint: {{every: 2, keep: 3}}
+    evaluation: {{every: 4, max_tokens_per_domain: 256, harness: {{tasks: []}}}}
+"""
+CHAOS_K = int(os.environ.get("CPT_CHAOS_K", "5"))
+
+
+def write_recipe(tmp: Path, zero: int = 0, procs: int = 1) -> Path:
+    path = tmp / f"faults-z{zero}-p{procs}.yaml"
+    path.write_text(RECIPE.format(out=tmp / "unused", zero=zero, procs=procs))
+    return path
+
+
+def cpt(*argv, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "cpt.cli", *map(str, argv)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def outcome(run: Path) -> tuple[list, dict, dict]:
+    """What must be identical: the training records, the final weights and the release's weights."""
+    records = [{k: v for k, v in r.items()} for r in train_records(read_metrics(run / "s" / "metrics.jsonl"))]
+    final = load_file(run / "s" / "final" / "model.safetensors")
+    release = load_file(run / "s" / "releases" / "step-4" / "model.safetensors")
+    return records, final, release
+
+
+def assert_same(mine, theirs, tol: float = 0.0):
+    (records, final, release), (records_ref, final_ref, release_ref) = mine, theirs
+    assert [r["step"] for r in records] == [r["step"] for r in records_ref]
+    for a, b in zip(records, records_ref):
+        assert a.keys() == b.keys()
+        for k in a:
+            if tol and isinstance(a[k], float):
+                assert a[k] == pytest.approx(b[k], rel=tol, abs=tol), k
+            else:
+                assert a[k] == b[k], k
+    for got, want in ((final, final_ref), (release, release_ref)):
+        assert got.keys() == want.keys()
+        for k in got:
+            if tol:
+                torch.testing.assert_close(got[k], want[k], rtol=tol, atol=tol)
+            else:
+                assert torch.equal(got[k], want[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    recipe = write_recipe(tmp)
+    cpt("run", recipe, "--output-dir", tmp / "ref")
+    return recipe, outcome(tmp / "ref")
+
+
+# The release of step 4 is exported, then step 4 is checkpointed: kill in each phase of that save
+# (the second checkpoint of the run), and in the save after it.
+@pytest.mark.parametrize("fault", [
+    "checkpoint.engine@2", "checkpoint.rng@2", "checkpoint.marker@2", "checkpoint.renamed@2", "checkpoint.engine@3",
+])
+def test_kill_at_each_phase_of_a_save_resumes_exactly(reference, tmp_path, fault):
+    recipe, expected = reference
+    out = tmp_path / "run"
+    killed = cpt("run", recipe, "--output-dir", out, env={"CPT_FAULT": f"{fault}:kill"}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "s" / "final").exists()
+    cpt("run", recipe, "--output-dir", out, "--resume")
+    assert_same(outcome(out), expected)
+
+
+def test_a_release_is_exported_before_the_checkpoint_that_marks_its_step(reference, tmp_path):
+    """Killed right after step 4's checkpoint is complete, the release of step 4 is already there."""
+    recipe, _ = reference
+    out = tmp_path / "run"
+    cpt("run", recipe, "--output-dir", out, env={"CPT_FAULT": "checkpoint.renamed@2:kill"}, check=False)
+    assert (out / "s" / "checkpoints" / "step-4" / "cpt_checkpoint.json").is_file()
+    assert (out / "s" / "releases" / "step-4" / "model.safetensors").is_file()
+
+
+def _kill_at_random(recipe: Path, out: Path, rng: random.Random, resume: bool) -> None:
+    argv = [sys.executable, "-m", "cpt.cli", "run", str(recipe), "--output-dir", str(out)] + (["--resume"] if resume else [])
+    log = open(out.with_suffix(".log"), "a")  # a file, not a pipe: a full pipe would stall the run
+    proc = subprocess.Popen(argv, stderr=log, stdout=log, start_new_session=True)
+    deadline = time.time() + rng.uniform(4.0, 25.0)
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every training process, at once
+    proc.wait()
+
+
+def chaos(recipe: Path, out: Path, seed: int, kills: int = 2) -> None:
+    rng = random.Random(seed)
+    for i in range(kills):
+        _kill_at_random(recipe, out, rng, resume=i > 0)
+    cpt("run", recipe, "--output-dir", out, "--resume")
+
+
+@pytest.mark.parametrize("seed", range(CHAOS_K))
+def test_chaos_random_kills_resume_bitwise(reference, tmp_path, seed):
+    recipe, expected = reference
+    chaos(recipe, tmp_path / "run", seed)
+    assert_same(outcome(tmp_path / "run"), expected)
+
+
+@pytest.mark.skipif(os.environ.get("CPT_CHAOS_DDP", "1") == "0", reason="CPT_CHAOS_DDP=0")
+def test_chaos_two_process_zero2(tmp_path):
+    """Two processes under ZeRO-2, killed at random twice: bitwise equal where the engine is
+    deterministic (gloo's sum of two ranks is), so the tolerance stays 0."""
+    recipe = write_recipe(tmp_path, zero=2, procs=2)
+    cpt("run", recipe, "--output-dir", tmp_path / "ref")
+    chaos(recipe, tmp_path / "run", seed=11)
+    assert_same(outcome(tmp_path / "run"), outcome(tmp_path / "ref"))
+
+
+@pytest.mark.parametrize("fault", ["checkpoint.engine@2", "checkpoint.marker@2", "metrics.write@5", "io.write@3"])
+def test_enospc_is_one_line_and_resume_finishes_exactly(reference, tmp_path, fault):
+    recipe, expected = reference
+    out = tmp_path / "run"
+    full = cpt("run", recipe, "--output-dir", out, env={"CPT_FAULT": f"{fault}:enospc"}, check=False)
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert lines[-1].startswith("error: ") and "No space left on device" in lines[-1], lines[-1]
+    assert str(out) in lines[-1]
+    assert not list((out / "s" / "checkpoints").glob(".tmp-*"))  # the space is given back
+    cpt("run", recipe, "--output-dir", out, "--resume")
+    assert_same(outcome(out), expected)
+
+
+def _can_mount() -> bool:
+    probe = Path(f"/tmp/cpt-mount-probe-{os.getpid()}")
+    probe.mkdir(exist_ok=True)
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe)], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", str(probe)], check=True)
+    probe.rmdir()
+    return ok
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0 or not _can_mount(), reason="needs to mount a tmpfs (root)")
+def test_a_really_full_disk(reference, tmp_path):
+    """The run directory on a small tmpfs: the disk fills during a checkpoint, space is freed, --resume."""
+    recipe, expected = reference
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        out = mnt / "run"
+        full = cpt("run", recipe, "--output-dir", out, check=False)
+        lines = full.stderr.strip().splitlines()
+        assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+        assert lines[-1].startswith("error: ") and "No space left on device" in lines[-1], lines[-1]
+        subprocess.run(["mount", "-o", "remount,size=256m", str(mnt)], check=True)
+        cpt("run", recipe, "--output-dir", out, "--resume")
+        assert_same(outcome(out), expected)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
