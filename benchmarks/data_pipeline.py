@@ -27,7 +27,8 @@ from cpt.config.data import DomainConfig  # noqa: E402
 from cpt.data.pack import load_blocks  # noqa: E402
 from cpt.data.sampler import MixtureSampler  # noqa: E402
 from cpt.data.sources import iter_documents  # noqa: E402
-from cpt.data.tokenizer import TrainTokenizerConfig, train_tokenizer  # noqa: E402
+from cpt.config.tokenizer import TrainTokenizerConfig  # noqa: E402
+from cpt.data.tokenizer import train_tokenizer  # noqa: E402
 from cpt.recipe import load_recipe  # noqa: E402
 from cpt.train.model import build_model  # noqa: E402
 

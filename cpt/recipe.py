@@ -21,9 +21,10 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from cpt.config.data import DomainConfig
 from cpt.config.evaluation import EvaluationConfig, task_problem
-from cpt.data.mixture import MixtureConfig, weight_matrix
+from cpt.config.mixture import MixtureConfig
+from cpt.data.mixture import weight_matrix
 from cpt.data.sources import check_domain
-from cpt.data.tokenizer import TokenizerConfig
+from cpt.config.tokenizer import TokenizerConfig
 from cpt.errors import CptError, CptErrors
 from cpt.schema import Strict
 from cpt.config.training import DistributedConfig, EmaConfig, OptimizerConfig

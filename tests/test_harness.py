@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from cpt.config.data import DomainConfig
 from cpt.data.sources import iter_documents
-from cpt.data.tokenizer import TrainTokenizerConfig, train_tokenizer
+from cpt.config.tokenizer import TrainTokenizerConfig
+from cpt.data.tokenizer import train_tokenizer
 from cpt.errors import CptError
 from cpt.config.evaluation import HarnessConfig
 from cpt.eval.lm_adapter import harness_lm, loglikelihoods

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cpt.data.mixture import MixtureConfig
+from cpt.config.mixture import MixtureConfig
 from cpt.errors import CptError
 from cpt.laws.command import add_fit_parser, cmd_fit
 from cpt.laws.options import LAWS

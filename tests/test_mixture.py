@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from cpt.data.mixture import MixtureConfig, cap_epochs, epochs, planned_blocks, weight_matrix
+from cpt.config.mixture import MixtureConfig
+from cpt.data.mixture import cap_epochs, epochs, planned_blocks, weight_matrix
 from cpt.errors import CptError
 
 TOKENS = {"a": 100, "b": 300, "c": 400}

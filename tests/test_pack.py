@@ -16,7 +16,8 @@ import cpt.data.pack as pack
 from cpt.config.data import DomainConfig
 from cpt.data.pack import block_stats, cache_path, load_blocks
 from cpt.data.sources import iter_documents
-from cpt.data.tokenizer import TrainTokenizerConfig, train_tokenizer
+from cpt.config.tokenizer import TrainTokenizerConfig
+from cpt.data.tokenizer import train_tokenizer
 from cpt.errors import CptError
 
 SEQ = 16

@@ -27,7 +27,8 @@ def corpus(chars: int = 40_000) -> str:
 
 def train_tokenizer(out_dir: Path, vocab_size: int = VOCAB):
     """cpt's own byte-level BPE, trained on :func:`corpus`, saved to ``out_dir`` and returned."""
-    from cpt.data.tokenizer import TrainTokenizerConfig, train_tokenizer as train
+    from cpt.config.tokenizer import TrainTokenizerConfig
+    from cpt.data.tokenizer import train_tokenizer as train
 
     return train(TrainTokenizerConfig(vocab_size=vocab_size), corpus().split("\n\n"), Path(out_dir))
 
