@@ -29,7 +29,7 @@ from cpt.data.sampler import MixtureSampler  # noqa: E402
 from cpt.data.sources import iter_documents  # noqa: E402
 from cpt.config.tokenizer import TrainTokenizerConfig  # noqa: E402
 from cpt.data.tokenizer import train_tokenizer  # noqa: E402
-from cpt.recipe import load_recipe  # noqa: E402
+from cpt.config.load import load_recipe  # noqa: E402
 from cpt.train.model import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

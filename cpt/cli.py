@@ -10,11 +10,20 @@ from pathlib import Path
 from cpt.errors import CptError, CptErrors
 from cpt.eval.command import add_eval_parser, cmd_eval
 from cpt.laws.command import add_fit_parser, cmd_fit
+from cpt.paths import check_output_dir, check_output_file
 from cpt.report import add_report_parsers, cmd_compare, cmd_report
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes (a missing argument, ``--steps two``) as one ``error: cpt <command>: ...``
+    line like every other bad input, instead of argparse's usage block; sub-parsers inherit it."""
+
+    def error(self, message: str):
+        raise CptError(message, self.prog)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cpt", description="Continual pre-training of Hugging Face language models.")
+    parser = _Parser(prog="cpt", description="Continual pre-training of Hugging Face language models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def recipe_command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -92,9 +101,10 @@ def _numbers(kind):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # `cpt run` hands the same arguments to the processes it launches
+    args = argparse.Namespace()
     try:
+        args = build_parser().parse_args(argv)
+        args.argv = argv  # `cpt run` hands the same arguments to the processes it launches
         return COMMANDS[args.command](args)
     except CptErrors as exc:
         for error in exc.errors:
@@ -106,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from cpt.recipe import dump_recipe, load_recipe
+    from cpt.config.load import load_recipe
+    from cpt.config.recipe import dump_recipe
 
     print(dump_recipe(load_recipe(args.recipe, args.overrides)), end="")
     return 0
@@ -114,9 +125,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from cpt.plan import plan_recipe, write_plan_png
-    from cpt.recipe import load_recipe
+    from cpt.config.load import load_recipe
 
-    plans = plan_recipe(load_recipe(args.recipe, args.overrides))
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.png:
+        check_output_file(args.png, "--png")
+    plans = plan_recipe(recipe)
     if args.png:
         write_plan_png(plans, args.png)
     if args.json:
@@ -141,7 +155,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cpt.recipe import load_recipe
+    from cpt.config.load import load_recipe
     from cpt.train.run import RunOptions, run
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -164,6 +178,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.out_dir.exists():
         raise CptError(f"{args.out_dir} already exists; choose a new directory", "export")
+    check_output_dir(args.out_dir)
     export_checkpoint(args.checkpoint, args.out_dir)
     print(f"wrote {args.out_dir}")
     return 0

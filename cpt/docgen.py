@@ -34,8 +34,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from cpt.recipe import STAGE_NAME, Name, Recipe
-from cpt.schema import Length
+from cpt.config.recipe import STAGE_NAME, Name, Recipe
+from cpt.config.schema import Length
 
 PAGES_DIR = Path("docs/reference")
 MISSING = "—"
@@ -245,7 +245,7 @@ def _cell(text: str) -> str:
 
 def recipe_page() -> str:
     out = [
-        GENERATED.format(source="the pydantic models of cpt/recipe.py"), "",
+        GENERATED.format(source="the pydantic models of cpt/config/"), "",
         "# Recipe reference", "",
         "Every field of a recipe, walked from the schema that `cpt validate` checks. Paths are dotted:",
         "`stages[]` is any item of the `stages` list, `<name>` a key you choose (a domain name).",

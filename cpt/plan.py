@@ -17,12 +17,12 @@ from typing import Iterator
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
+from cpt.config.recipe import Recipe, Stage
 from cpt.data.mixture import cap_epochs, planned_blocks, weight_matrix
 from cpt.data.pack import load_blocks
 from cpt.data.sources import fingerprint, iter_documents
 from cpt.data.tokenizer import load_tokenizer, train_tokenizer
 from cpt.errors import CptError
-from cpt.recipe import Recipe, Stage
 from cpt.train.schedules import lr_curve
 
 

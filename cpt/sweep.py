@@ -20,23 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from cpt.errors import CptError
-from cpt.recipe import Recipe, apply_override, dump_recipe, read_yaml_mapping, recipe_from_mapping
+from cpt.paths import check_output_dir
+from cpt.config.load import apply_override, read_yaml_mapping, recipe_from_mapping
+from cpt.config.recipe import Recipe, dump_recipe
 from cpt.train.metrics import eval_records, read_metrics
 
 
 def sweep_recipes(raw: dict[str, Any], path: Path, stage_name: str, ratios: list[float], budgets: list[int] | None,
                   keep_schedule: bool, replay_shares: dict[str, float] | None = None) -> dict[float, Recipe]:
     """The recipe of each ratio: stages up to the swept one, its mixture set to the ratio."""
-    names = [s.get("name") for s in raw.get("stages") or []]
-    if stage_name not in names:
-        raise CptError(f"no stage named {stage_name!r} (stages: {', '.join(map(str, names))})", "--stage")
-    index = names.index(stage_name)
-    if index == 0:
-        raise CptError("the swept stage needs an earlier stage: its domains are the general data to replay", "--stage")
+    index = swept_stage([s.get("name") for s in raw.get("stages") or []], stage_name, ratios)
     recipes = {}
     for ratio in ratios:
-        if not 0 <= ratio <= 1:
-            raise CptError(f"ratios must lie in [0, 1], got {ratio}", "--ratios")
         mapping = copy.deepcopy(raw)
         mapping["stages"] = mapping["stages"][: index + 1]
         stage = mapping["stages"][index]
@@ -60,6 +55,19 @@ def sweep_recipes(raw: dict[str, Any], path: Path, stage_name: str, ratios: list
     return recipes
 
 
+def swept_stage(names: list, stage_name: str, ratios: list[float]) -> int:
+    """The index of the swept stage; CptError for an unknown or first stage or a ratio outside [0, 1]."""
+    if stage_name not in names:
+        raise CptError(f"no stage named {stage_name!r} (stages: {', '.join(map(str, names))})", "--stage")
+    index = names.index(stage_name)
+    if index == 0:
+        raise CptError("the swept stage needs an earlier stage: its domains are the general data to replay", "--stage")
+    outside = [r for r in ratios if not 0 <= r <= 1]
+    if outside:
+        raise CptError(f"ratios must lie in [0, 1], got {outside[0]:g}", "--ratios")
+    return index
+
+
 def run_sweep(recipe_path: Path, overrides: list[str], stage_name: str, ratios: list[float], budgets: list[int] | None,
               output_dir: Path | None, keep_schedule: bool = False) -> Path | None:
     """Train what is missing and write ``sweep.csv``; returns its path, or None when a stop
@@ -74,13 +82,12 @@ def run_sweep(recipe_path: Path, overrides: list[str], stage_name: str, ratios: 
         except CptError as exc:
             raise CptError(exc.message, f"{recipe_path}: --set {item}") from None
     recipe = recipe_from_mapping(copy.deepcopy(raw), recipe_path)
-    names = [s.name for s in recipe.stages]
-    if stage_name not in names or names.index(stage_name) == 0:
-        sweep_recipes(raw, recipe_path, stage_name, [], budgets, keep_schedule)  # raises the reason
+    index = swept_stage([s.name for s in recipe.stages], stage_name, ratios)  # before anything is written
     out = Path(output_dir or Path(recipe.output_dir).with_name(f"{recipe.name}-sweep-{stage_name}"))
+    check_output_dir(out)
     if pin_tokenizers(raw, recipe, out / "tokenizers"):
         recipe = recipe_from_mapping(copy.deepcopy(raw), recipe_path)
-    base = recipe.model_copy(update={"stages": recipe.stages[: names.index(stage_name)]})
+    base = recipe.model_copy(update={"stages": recipe.stages[:index]})
     previous = plan_recipe(base)[-1]
     blocks = previous.planned_blocks()
     shares = {d: float(n) / float(blocks.sum()) for d, n in zip(previous.domains, blocks)}

@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field
 
 from cpt import docgen
 from cpt.cli import build_parser
-from cpt.recipe import Recipe
-from cpt.schema import Length, Strict
+from cpt.config.recipe import Recipe
+from cpt.config.schema import Length, Strict
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from cpt.errors import CptErrors
-from cpt.recipe import apply_override, dump_recipe, load_recipe
+from cpt.config.load import apply_override, load_recipe
+from cpt.config.recipe import dump_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"

@@ -25,7 +25,7 @@ from cpt.config.schedule import (
     validate_schedule,
 )
 from cpt.errors import CptError
-from cpt.schema import resolve_length
+from cpt.config.schema import resolve_length
 from cpt.train.schedules import decay_ends, lr_at, lr_curve
 
 SHAPES = ["linear", "cosine", "1-sqrt"]

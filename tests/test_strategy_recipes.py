@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from cpt.cli import main
-from cpt.recipe import Recipe, load_recipe
+from cpt.config.load import load_recipe
+from cpt.config.recipe import Recipe
 from cpt.train.metrics import read_metrics, train_records
 
 ROOT = Path(__file__).resolve().parents[1]

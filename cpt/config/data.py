@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cpt.schema import Strict
+from cpt.config.schema import Strict
 
 BUILTINS = ("python-stdlib", "python-docs", "python-tests")
 

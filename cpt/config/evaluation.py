@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
+from cpt.config.schema import Length, Strict
 from cpt.errors import CptError
-from cpt.schema import Length, Strict
 
 if TYPE_CHECKING:
     from cpt.config.data import DomainConfig

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from cpt.schema import Strict
+from cpt.config.schema import Strict
 
 
 def _some_positive(weights: dict[str, float]) -> dict[str, float]:

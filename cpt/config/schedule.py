@@ -10,8 +10,8 @@ from typing import Annotated, Literal, NamedTuple
 
 from pydantic import Field, model_validator
 
+from cpt.config.schema import Length, Strict, resolve_length
 from cpt.errors import CptError
-from cpt.schema import Length, Strict, resolve_length
 
 Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Floor = Annotated[float, Field(ge=0, allow_inf_nan=False)]

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from cpt.schema import Strict
+from cpt.config.schema import Strict
 
 
 class TrainTokenizerConfig(Strict):

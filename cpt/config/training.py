@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cpt.schema import Strict
+from cpt.config.schema import Strict
 
 
 class DistributedConfig(Strict):

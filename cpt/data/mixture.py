@@ -33,8 +33,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from cpt.errors import CptError
 from cpt.config.mixture import MixtureConfig
+from cpt.errors import CptError
 
 
 def weight_matrix(

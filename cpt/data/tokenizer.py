@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from cpt.errors import CptError, first_line
 from cpt.config.tokenizer import TrainTokenizerConfig
+from cpt.errors import CptError, first_line
 
 if TYPE_CHECKING:  # transformers imports torch: seconds that validating a recipe should not pay
     from transformers import PreTrainedTokenizerFast

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt.errors import CptError, first_line
+from cpt.paths import local_dir, read_text
 
 
 def add_eval_parser(commands) -> None:
@@ -34,7 +35,7 @@ def add_eval_parser(commands) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from cpt.recipe import load_recipe
+    from cpt.config.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = evaluate_model(args.model_dir, recipe, args.stage, args.tasks)
@@ -63,11 +64,13 @@ def evaluate_model(model_dir: str, recipe, stage_name: str | None, tasks: list[s
     from cpt.plan import stage_tokenizer
 
     stage = recipe.stage(stage_name) if stage_name else recipe.stages[-1]
-    local = Path(model_dir).expanduser()
-    if local.exists() and not (local / "config.json").is_file():
-        raise CptError(f"{model_dir} is not a Hugging Face model directory (no config.json)", "eval")
+    local = local_dir(model_dir, "eval")
+    if local is not None:
+        if not (local / "config.json").is_file():
+            raise CptError(f"{model_dir} is not a Hugging Face model directory (no config.json)", "eval")
+        read_text(local / "config.json")  # an unreadable one fails now, not after the tokenizer is built
     started = time.perf_counter()
-    if (local / "tokenizer.json").is_file() or (local / "tokenizer_config.json").is_file():
+    if local is not None and ((local / "tokenizer.json").is_file() or (local / "tokenizer_config.json").is_file()):
         tokenizer = load_tokenizer(str(local))
     else:  # a bare weights directory: the tokenizer the recipe would use for that stage
         tokenizer = None

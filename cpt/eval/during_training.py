@@ -16,7 +16,7 @@ from typing import Any
 
 from cpt.eval.heldout import heldout_losses, heldout_sets, perplexity
 from cpt.eval.tasks import resolve_tasks, run_harness
-from cpt.schema import resolve_length
+from cpt.config.schema import resolve_length
 from cpt.train.ema import Ema
 from cpt.train.metrics import eval_records, read_metrics
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cpt.errors import CptError
 from cpt.laws.options import LAWS, FitOptions
+from cpt.paths import check_output_file
 
 CMR_FLAGS = ("baseline_general_loss", "epsilon", "relative_tolerance", "write_mixture", "at_tokens")
 
@@ -130,6 +131,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise CptError("--at-tokens chooses the budget of --write-mixture; give --write-mixture too", "fit")
     options = _options(args)
     points = _points(args.predict)
+    for flag, path in (("--png", args.png), ("--write-mixture", args.write_mixture)):
+        if path:
+            check_output_file(path, flag)
 
     # numpy, scipy and the fitting modules load only when `cpt fit` runs, not for every `cpt` command.
     from cpt.laws import plot

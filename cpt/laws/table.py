@@ -8,6 +8,7 @@ table may carry any other columns (run names, colours); every used cell must be 
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cpt.errors import CptError
+from cpt.paths import read_text
 
 SWEEP_FILE = "sweep.csv"
 
@@ -79,13 +81,12 @@ def parse_renames(pairs: Sequence[str]) -> dict[str, str]:
 def read_table(path: Path, renames: dict[str, str]) -> Table:
     """Read a CSV, or the sweep.csv inside a sweep directory."""
     file = path / SWEEP_FILE if path.is_dir() else path
-    if not file.is_file():
+    if not file.exists():
         detail = f"a directory without {SWEEP_FILE}" if path.is_dir() else "no such file"
         raise CptError(f"{detail}; expected a CSV table or a sweep directory", str(path))
-    with open(file, newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
-        header = tuple(h.strip() for h in next(reader, ()))
-        numbered = [(tuple(r), reader.line_num) for r in reader if any(cell.strip() for cell in r)]
+    reader = csv.reader(io.StringIO(read_text(file), newline=""))
+    header = tuple(h.strip() for h in next(reader, ()))
+    numbered = [(tuple(r), reader.line_num) for r in reader if any(cell.strip() for cell in r)]
     if not header:
         raise CptError("empty table (no header)", str(file))
     rows, lines = (tuple(x) for x in zip(*numbered)) if numbered else ((), ())

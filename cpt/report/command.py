@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from cpt.errors import CptError
+from cpt.paths import check_output_dir
 
 COMPARE_DEFAULT_OUT = Path("cpt-compare")
 
@@ -70,8 +71,7 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
 
 
 def _make_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise CptError("exists and is not a directory; choose another --out", str(out))
+    check_output_dir(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

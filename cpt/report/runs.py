@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 
 from cpt.errors import CptError
+from cpt.paths import read_text
 
 
 @dataclass
@@ -113,7 +114,7 @@ def load_run(path: Path, label: str | None = None) -> RunData:
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     """Training and eval records. A torn last line (a run writing right now) is skipped."""
-    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    lines = [(i, line) for i, line in enumerate(read_text(path).splitlines(), 1) if line.strip()]
     train, evals = [], []
     for number, line in lines:
         try:
@@ -137,7 +138,7 @@ def _recipe_stages(run_dir: Path) -> tuple[list[str], dict[str, list[str]]]:
     if not recipe.is_file():
         raise CptError("not a cpt run directory (no recipe.yaml)", str(run_dir))
     try:
-        raw = yaml.safe_load(recipe.read_text())
+        raw = yaml.safe_load(read_text(recipe))
     except yaml.YAMLError as exc:
         raise CptError(f"not valid YAML: {exc}", str(recipe)) from None
     stages = raw.get("stages") if isinstance(raw, dict) else None
@@ -158,7 +159,7 @@ def _read_summary(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        summary = json.loads(path.read_text())
+        summary = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise CptError(f"not valid JSON: {exc}", str(path)) from None
     if not isinstance(summary, dict):

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import yaml
 
+from cpt.config.load import read_yaml_mapping, recipe_from_mapping
+from cpt.config.recipe import dump_recipe
 from cpt.errors import CptError
-from cpt.plan import plan_recipe, plan_stage
-from cpt.recipe import dump_recipe, read_yaml_mapping, recipe_from_mapping
-from cpt.train import checkpoint
 from cpt.io import claim_dir
 from cpt.lock import FILES as LOCK_FILES
+from cpt.plan import plan_recipe, plan_stage
+from cpt.train import checkpoint
 from cpt.train.checkpointer import Fork
 from cpt.train.job import start_job
 from cpt.train.launch import distributed_context

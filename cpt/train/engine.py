@@ -20,9 +20,10 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
-from cpt.errors import CptError
+
 from cpt import dist
 from cpt.config.training import DistributedConfig, OptimizerConfig
+from cpt.errors import CptError
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine

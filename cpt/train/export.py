@@ -14,14 +14,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cpt.errors import CptError
 from cpt import dist
+from cpt.errors import CptError
 from cpt.io import library_io_errors, staged_dir
 from cpt.train.checkpoint import read_meta
 from cpt.train.engine import import_deepspeed
 
 if TYPE_CHECKING:
-    from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import (
+        GenerationConfig,
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+    )
 
     from cpt.train.engine import StepEngine
 

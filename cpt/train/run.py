@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cpt import dist
+from cpt.config.recipe import Recipe, dump_recipe
 from cpt.data.sampler import MixtureSampler
 from cpt.data.tokenizer import check_tokenizer_matches
 from cpt.errors import CptError
@@ -34,7 +35,6 @@ from cpt.eval.summary import stage_summary
 from cpt.io import claim_dir, write_json
 from cpt.lock import FILES as LOCK_FILES
 from cpt.plan import StagePlan, plan_recipe
-from cpt.recipe import Recipe, dump_recipe
 from cpt.train.checkpoint import load_rank_tensors
 from cpt.train.checkpointer import Checkpointer, Fork, Restored, restore
 from cpt.train.ema import Ema

@@ -13,7 +13,7 @@ Sources (formulas collected in REFERENCES.md §1):
   Loss Landscape Perspective".
 
 Conventions. Step ``t = 0`` is the first optimizer step of a stage of ``steps`` steps; the value
-at ``t`` is the lr that step uses. Lengths are :data:`cpt.schema.Length` resolved against the stage
+at ``t`` is the lr that step uses. Lengths are :data:`cpt.config.schema.Length` resolved against the stage
 (the ``wsd-s`` decay against its period) by :func:`cpt.config.schedule.validate_schedule`.
 
 - Every linear warmup is REFERENCES' and transformers' ``peak * t / W`` for ``t < W``: it starts

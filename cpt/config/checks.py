@@ -1,0 +1,83 @@
+"""Recipe checks that need more than one field: stage order, mixtures against the known domains,
+schedules against stage lengths, harness tasks, files that must exist."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cpt.config.evaluation import task_problem
+from cpt.config.recipe import Recipe, Stage
+from cpt.config.schedule import validate_schedule
+from cpt.data.mixture import weight_matrix
+from cpt.data.sources import check_domain
+from cpt.errors import CptError
+
+
+def check_recipe(recipe: Recipe, *, check_files: bool = True) -> list[CptError]:
+    """Problems that need the whole recipe (or the file system) to see."""
+    errors: list[CptError] = []
+    seen: set[str] = set()
+    known: set[str] = set()
+    for index, stage in enumerate(recipe.stages):
+        where = f"stages.{stage.name}"
+        if stage.name in seen:
+            errors.append(CptError(f"duplicate stage name {stage.name!r}", f"stages.{index}.name"))
+        seen.add(stage.name)
+        if index == 0 and stage.model is None:
+            errors.append(CptError("the first stage needs a model (an HF dir, a hub id or {config: ...})", f"{where}.model"))
+        if index == 0 and stage.tokenizer is None and (stage.model is None or stage.model.path is None):
+            errors.append(CptError("a model built from a config needs a tokenizer (a path or {train: ...})", f"{where}.tokenizer"))
+        redefined = sorted(set(stage.data) & known)
+        if redefined:
+            errors.append(CptError(f"domain {redefined[0]!r} is already defined by an earlier stage", f"{where}.data"))
+        previous_known = set(known)
+        known |= set(stage.data)
+        if not stage.data:
+            errors.append(CptError("the stage defines no data domains of its own", f"{where}.data"))
+        else:
+            errors.extend(_mixture_problems(stage, previous_known, known, where))
+        unknown = [d for d in stage.evaluation.targets or [] if d not in known]
+        if unknown:
+            errors.append(CptError(f"unknown domain {unknown[0]!r}; known domains: {', '.join(sorted(known))}",
+                                   f"{where}.evaluation.targets"))
+        for task in stage.evaluation.harness.tasks:
+            problem = task_problem(task, recipe.domains())
+            if problem:
+                errors.append(CptError(problem, f"{where}.evaluation.harness.tasks"))
+        try:
+            validate_schedule(stage.schedule, stage.total_steps)
+        except CptError as exc:
+            errors.append(CptError(exc.message, f"{where}.{exc.where or 'schedule'}"))
+        if check_files:
+            errors.extend(_file_problems(stage, where))
+    return errors
+
+
+def _mixture_problems(stage: Stage, previous_known: set[str], known: set[str], where: str) -> list[CptError]:
+    """Run the real mixture resolution with placeholder sizes: catches every naming problem."""
+    replay_shares = dict.fromkeys(sorted(previous_known), 1.0) or None
+    try:
+        weight_matrix(stage.mixture, 1, list(stage.data), sorted(known), dict.fromkeys(stage.data, 1), replay_shares)
+    except CptError as exc:
+        return [CptError(exc.message, f"{where}.{exc.where}")]
+    return []
+
+
+def _file_problems(stage: Stage, where: str) -> list[CptError]:
+    errors = []
+    for name, domain in stage.data.items():
+        try:
+            check_domain(domain)
+        except CptError as exc:
+            errors.append(CptError(exc.message, f"{where}.data.{name}.{exc.where or 'source'}"))
+    for field, path in (("model", stage.model and stage.model.path), ("tokenizer", stage.tokenizer and stage.tokenizer.path)):
+        if path is None:
+            continue
+        local = Path(path).expanduser()
+        if local.exists():
+            if not local.is_dir():
+                errors.append(CptError(f"{path} is not a directory", f"{where}.{field}"))
+        elif path.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1":
+            errors.append(CptError(f"{path} does not exist (and the hub is not reachable for it)", f"{where}.{field}"))
+    return errors

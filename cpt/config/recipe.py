@@ -1,0 +1,244 @@
+"""The recipe: a typed description of a continual pre-training run (stages, model, data, batch).
+
+Loading (includes, ``--set``) is :mod:`cpt.config.load`; checks that need the whole recipe are
+:mod:`cpt.config.checks`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator, Field, model_validator
+
+from cpt.config.data import DomainConfig
+from cpt.config.evaluation import EvaluationConfig
+from cpt.config.mixture import MixtureConfig
+from cpt.config.schedule import ScheduleConfig
+from cpt.config.schema import Strict
+from cpt.config.tokenizer import TokenizerConfig
+from cpt.config.training import DistributedConfig, EmaConfig, OptimizerConfig
+from cpt.errors import CptError
+
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _check_name(value: str) -> str:
+    if not STAGE_NAME.match(value):
+        raise ValueError("must start with a letter or digit and use only letters, digits, '_', '.', '-'")
+    return value
+
+
+# Names of recipes and stages become directory names.
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+class ModelConfig(Strict):
+    """Where a stage's starting weights come from: an HF directory / hub id, or a fresh config."""
+
+    path: str | None = Field(
+        default=None,
+        description="A Hugging Face model directory or hub id to load the weights from; give this or config.",
+    )
+    config: dict[str, Any] | None = Field(
+        default=None,
+        description="A transformers model config (needs model_type) to build freshly initialised weights from, "
+        "seeded by seed plus the stage's index; vocab_size defaults to the tokenizer's size.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelConfig:
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of a path / hub id or {config: {...}}")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("config needs a model_type (e.g. llama, gpt2, qwen2)")
+        return self
+
+
+class BatchConfig(Strict):
+    """Global batch in sequences per optimizer step; accumulation follows from the world size."""
+
+    global_batch_size: int = Field(
+        gt=0,
+        description="Sequences (of seq_len tokens) per optimizer step, summed over all processes; "
+        "a multiple of micro_batch_size that splits evenly over the processes.",
+    )
+    micro_batch_size: int = Field(
+        gt=0,
+        description="Sequences per forward and backward pass on one process; gradients are accumulated "
+        "over `global_batch_size / (micro_batch_size * processes)` passes.",
+    )
+
+
+class CheckpointConfig(Strict):
+    every: int | None = Field(
+        default=None,
+        gt=0,
+        description="Also checkpoint at every multiple of this many optimizer steps; null: only at the stage's end, "
+        "at the end of each schedule decay and when the run is asked to stop.",
+    )
+    keep: int | None = Field(
+        default=2,
+        gt=0,
+        description="How many of the stage's newest checkpoints stay on disk (older ones are deleted); null: all.",
+    )
+
+
+class Stage(Strict):
+    name: Name = Field(
+        description="The stage's name: its directory under output_dir, and how `--set` addresses it (`stages.<name>`)."
+    )
+    model: ModelConfig | None = Field(
+        default=None,
+        description="Starting weights; null: the previous stage's final weights (the first stage must give one).",
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Let transformers run model code that ships with the checkpoint (custom architectures).",
+    )
+    tokenizer: TokenizerConfig | None = Field(
+        default=None,
+        description="The stage's tokenizer; null: the one in the model directory, else the previous stage's.",
+    )
+    data: dict[str, DomainConfig] = Field(
+        default_factory=dict,
+        description="The domains this stage introduces, by name (at least one); a name is defined once per recipe, "
+        "and later stages can mix or replay it.",
+    )
+    mixture: MixtureConfig = Field(
+        default_factory=MixtureConfig,
+        description="Which share of every step's batch each domain gets; default: the natural proportions "
+        "of the stage's own domains.",
+    )
+    schedule: ScheduleConfig = Field(
+        description="The learning rate over the stage's steps, chosen by type; every stage starts its schedule "
+        "and optimizer afresh."
+    )
+    steps: int | None = Field(
+        default=None, gt=0, description="Length of the stage in optimizer steps; give exactly one of steps and tokens."
+    )
+    tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Length of the stage in training tokens, rounded up to whole steps of "
+        "`global_batch_size * seq_len` tokens; give exactly one of steps and tokens.",
+    )
+    seq_len: int = Field(
+        gt=1,
+        description="Tokens per training sequence: documents, each ended by EOS, are packed into blocks this long.",
+    )
+    batch: BatchConfig = Field(description="Sequences per optimizer step and per forward pass.")
+    optimizer: OptimizerConfig = Field(
+        default_factory=OptimizerConfig, description="AdamW settings and the policy for non-finite steps."
+    )
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="When resumable checkpoints are saved and how many are kept."
+    )
+    log_every: int = Field(
+        default=1,
+        gt=0,
+        description="Write a training record to metrics.jsonl at every multiple of this many optimizer steps "
+        "(and always at the last step and after a skipped one).",
+    )
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig, description="Held-out loss and harness tasks measured during the stage."
+    )
+    ema: EmaConfig | None = Field(
+        default=None,
+        description="Keep an exponential moving average of the weights during the stage, evaluated beside them; "
+        "null: none.",
+    )
+
+    @model_validator(mode="after")
+    def _budget(self) -> Stage:
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of steps or tokens")
+        if self.batch.global_batch_size % self.batch.micro_batch_size:
+            raise ValueError(
+                f"batch.global_batch_size {self.batch.global_batch_size} is not a multiple of "
+                f"batch.micro_batch_size {self.batch.micro_batch_size}"
+            )
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch.global_batch_size * self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the stage; a token budget rounds up to whole steps."""
+        if self.steps is not None:
+            return self.steps
+        return math.ceil(self.tokens / self.tokens_per_step)
+
+
+class Recipe(Strict):
+    name: Name = Field(description="The run's name; output_dir defaults to `runs/<name>`.")
+    output_dir: str | None = Field(
+        default=None,
+        description="The run directory: the resolved recipe, and per stage its metrics, checkpoints and final model; "
+        "null: `runs/<name>`. `cpt run --output-dir` overrides it.",
+    )
+    seed: int = Field(
+        default=0,
+        description="Seed of every random choice: held-out splits, the order of training blocks, "
+        "fresh weights and generated evaluation tasks.",
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Where packed token blocks, trained tokenizers and built harness tasks are cached; "
+        "null: `$CPT_CACHE_DIR`, else `~/.cache/cpt`.",
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="Processes, ZeRO stage and precision, shared by every stage.",
+    )
+    tensorboard: bool = Field(
+        default=False,
+        description="Also write every metrics record as TensorBoard scalars under `<stage>/tensorboard` "
+        "(needs the tensorboard package).",
+    )
+    stages: list[Stage] = Field(
+        min_length=1,
+        description="The stages, trained in order; each starts from its model or the previous stage's final weights.",
+    )
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Recipe:
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.name}"
+        return self
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise CptError(f"no stage named {name!r} (stages: {', '.join(s.name for s in self.stages)})", "stages")
+
+    def domains(self) -> dict[str, DomainConfig]:
+        """Every domain the recipe defines, in order of first definition."""
+        found: dict[str, DomainConfig] = {}
+        for stage in self.stages:
+            found.update(stage.data)
+        return found
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path(os.environ.get("CPT_CACHE_DIR", Path.home() / ".cache" / "cpt"))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML: what a run writes beside its results."""
+    data = recipe.model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
