@@ -124,8 +124,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from cpt.plan import plan_recipe, write_plan_png
     from cpt.config.load import load_recipe
+    from cpt.plan import plan_recipe, write_plan_png
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.png:

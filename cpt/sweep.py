@@ -19,10 +19,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cpt.errors import CptError
-from cpt.paths import check_output_dir
 from cpt.config.load import apply_override, read_yaml_mapping, recipe_from_mapping
 from cpt.config.recipe import Recipe, dump_recipe
+from cpt.errors import CptError
+from cpt.paths import check_output_dir
 from cpt.train.metrics import eval_records, read_metrics
 
 

@@ -29,7 +29,7 @@ TABLE = "params,tokens,loss,ratio,general_loss,domain_loss\n" + "".join(
 )
 SET_HINT = "expected FIELD.PATH=VALUE"
 NOT_CHECKPOINT = "not a complete cpt checkpoint"
-LEAD_NOT_UTF8 = "lead: cpt.recipe.read_yaml_mapping must turn UnicodeDecodeError into CptError (cpt.paths.read_text)"
+LEAD_NOT_UTF8 = "lead: cpt.config.load.read_yaml_mapping: UnicodeDecodeError as CptError (cpt.paths.read_text)"
 
 # (command line, fragment of the error line, xfail reason for the lead or None); {name} are the paths of `inputs`.
 CASES = {
