@@ -20,6 +20,7 @@ from typing import Any
 
 from cpt import faults
 from cpt.errors import CptError, first_line
+from cpt.paths import check_output_dir
 
 
 @contextmanager
@@ -86,6 +87,32 @@ def staged_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextmanager
+def staged_entry(target: Path, sound: Callable[[Path], bool]) -> Iterator[Path]:
+    """Like :func:`staged_dir`, for a cache entry that several processes may build at once: the
+    first sound entry to appear stays (``sound`` tells), and a damaged one is replaced."""
+    target = Path(target)
+    with io_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.", dir=target.parent))
+        try:
+            yield staging
+            fsync_tree(staging)
+            faults.point("io.write", target)
+            if target.exists():
+                if sound(target):
+                    return
+                shutil.rmtree(target)
+            try:
+                os.rename(staging, target)
+            except OSError:
+                if not sound(target):  # not another writer that got there first
+                    raise
+            fsync_dir(target.parent)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def replace_dir(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst``; an existing ``dst`` (a step saved again, an export redone) is moved
     aside first, so readers see the old directory or the new one, never a mix."""
@@ -131,9 +158,8 @@ def claim_dir(out: Path, identity: str, text: str, *, resume: bool, overwrite: b
     """
     out = Path(out)
     saved = out / identity
+    check_output_dir(out)
     existing = [p for p in out.iterdir() if p.name not in keep] if out.is_dir() else []
-    if out.exists() and not out.is_dir():
-        raise CptError("exists and is not a directory", str(out))
     if existing:
         if resume and saved.is_file():
             if saved.read_text() != text:

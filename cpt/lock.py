@@ -18,6 +18,7 @@ from filelock import FileLock, Timeout
 
 from cpt.errors import CptError
 from cpt.io import io_errors, write_json
+from cpt.paths import check_output_dir
 
 LOCK = ".cpt.lock"
 HOLDER = ".cpt.lock.json"
@@ -28,8 +29,7 @@ FILES = (LOCK, HOLDER)  # entries of a job directory that belong to the lock, no
 def hold(directory: Path) -> Iterator[None]:
     """Hold ``directory``'s lock for the block; CptError at once when a live process holds it."""
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise CptError("exists and is not a directory", str(directory))
+    check_output_dir(directory)
     with io_errors(directory):
         directory.mkdir(parents=True, exist_ok=True)
     # no soft (existence) lock as a fallback: a killed holder would leave it behind for good

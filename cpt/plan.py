@@ -23,6 +23,7 @@ from cpt.data.pack import load_blocks
 from cpt.data.sources import fingerprint, iter_documents
 from cpt.data.tokenizer import load_tokenizer, train_tokenizer
 from cpt.errors import CptError
+from cpt.io import write_with
 from cpt.train.schedules import lr_curve
 
 
@@ -193,7 +194,5 @@ def write_plan_png(plans: list[StagePlan], path: Path) -> None:
         axes[1, col].legend(loc="lower left", fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-    tmp.replace(path)

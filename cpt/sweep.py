@@ -22,6 +22,8 @@ from typing import Any
 from cpt.config.load import apply_override, read_yaml_mapping, recipe_from_mapping
 from cpt.config.recipe import Recipe, dump_recipe
 from cpt.errors import CptError
+from cpt.io import staged_dir, write_text, write_with
+from cpt.lock import hold
 from cpt.paths import check_output_dir
 from cpt.train.metrics import eval_records, read_metrics
 
@@ -85,32 +87,33 @@ def run_sweep(recipe_path: Path, overrides: list[str], stage_name: str, ratios: 
     index = swept_stage([s.name for s in recipe.stages], stage_name, ratios)  # before anything is written
     out = Path(output_dir or Path(recipe.output_dir).with_name(f"{recipe.name}-sweep-{stage_name}"))
     check_output_dir(out)
-    if pin_tokenizers(raw, recipe, out / "tokenizers"):
-        recipe = recipe_from_mapping(copy.deepcopy(raw), recipe_path)
-    base = recipe.model_copy(update={"stages": recipe.stages[:index]})
-    previous = plan_recipe(base)[-1]
-    blocks = previous.planned_blocks()
-    shares = {d: float(n) / float(blocks.sum()) for d, n in zip(previous.domains, blocks)}
-    recipes = sweep_recipes(raw, recipe_path, stage_name, ratios, budgets, keep_schedule, shares)
-    out.mkdir(parents=True, exist_ok=True)
-    base_dir = out / "base"
-    if not _run_dir(base, base_dir, run, RunOptions):
-        return None
-    for ratio, ratio_recipe in recipes.items():
-        run_dir = out / f"ratio-{ratio:g}"
-        if (run_dir / stage_name / "final" / "config.json").is_file():
-            continue
-        if not (run_dir / "recipe.yaml").is_file():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            for earlier in base.stages:
-                link = run_dir / earlier.name
-                if not link.exists():
-                    os.symlink(os.path.relpath(base_dir / earlier.name, run_dir), link)
-        if not _run_dir(ratio_recipe, run_dir, run, RunOptions, claim=True):
+    with hold(out):  # one live sweep per directory
+        if pin_tokenizers(raw, recipe, out / "tokenizers"):
+            recipe = recipe_from_mapping(copy.deepcopy(raw), recipe_path)
+        base = recipe.model_copy(update={"stages": recipe.stages[:index]})
+        previous = plan_recipe(base)[-1]
+        blocks = previous.planned_blocks()
+        shares = {d: float(n) / float(blocks.sum()) for d, n in zip(previous.domains, blocks)}
+        recipes = sweep_recipes(raw, recipe_path, stage_name, ratios, budgets, keep_schedule, shares)
+        out.mkdir(parents=True, exist_ok=True)
+        base_dir = out / "base"
+        if not _run_dir(base, base_dir, run, RunOptions):
             return None
-    table = out / "sweep.csv"
-    write_table(collect_rows(out, recipes, stage_name), table)
-    return table
+        for ratio, ratio_recipe in recipes.items():
+            run_dir = out / f"ratio-{ratio:g}"
+            if (run_dir / stage_name / "final" / "config.json").is_file():
+                continue
+            if not (run_dir / "recipe.yaml").is_file():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                for earlier in base.stages:
+                    link = run_dir / earlier.name
+                    if not link.exists():
+                        os.symlink(os.path.relpath(base_dir / earlier.name, run_dir), link)
+            if not _run_dir(ratio_recipe, run_dir, run, RunOptions, claim=True):
+                return None
+        table = out / "sweep.csv"
+        write_table(collect_rows(out, recipes, stage_name), table)
+        return table
 
 
 def pin_tokenizers(raw: dict[str, Any], recipe: Recipe, where: Path) -> bool:
@@ -129,9 +132,8 @@ def pin_tokenizers(raw: dict[str, Any], recipe: Recipe, where: Path) -> bool:
             continue
         target = where / stage.name
         if not (target / "tokenizer.json").is_file():
-            staging = where / f".{stage.name}.tmp"
-            trained_tokenizer(recipe, stage.tokenizer.train).save_pretrained(staging)
-            os.replace(staging, target)
+            with staged_dir(target) as staging:
+                trained_tokenizer(recipe, stage.tokenizer.train).save_pretrained(staging)
         mapping["tokenizer"] = {"path": str(target.resolve())}
         pinned = True
     return pinned
@@ -142,9 +144,9 @@ def _run_dir(recipe: Recipe, run_dir: Path, run, options, claim: bool = False) -
     path; False when it was stopped before its last stage finished."""
     recipe_file = run_dir.with_name(run_dir.name + ".yaml")
     text = dump_recipe(recipe)
-    recipe_file.write_text(text)
+    write_text(recipe_file, text)
     if claim and not (run_dir / "recipe.yaml").is_file():
-        (run_dir / "recipe.yaml").write_text(text)
+        write_text(run_dir / "recipe.yaml", text)
     argv = ["run", str(recipe_file), "--output-dir", str(run_dir), "--resume"]
     code = run(recipe, options(run_dir, resume=True, argv=tuple(argv)), argv)
     if code != 0:
@@ -202,9 +204,11 @@ def count_params(model_dir: Path) -> int:
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_with(path, write)

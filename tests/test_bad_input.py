@@ -29,13 +29,12 @@ TABLE = "params,tokens,loss,ratio,general_loss,domain_loss\n" + "".join(
 )
 SET_HINT = "expected FIELD.PATH=VALUE"
 NOT_CHECKPOINT = "not a complete cpt checkpoint"
-LEAD_NOT_UTF8 = "lead: cpt.config.load.read_yaml_mapping: UnicodeDecodeError as CptError (cpt.paths.read_text)"
 
 # (command line, fragment of the error line, xfail reason for the lead or None); {name} are the paths of `inputs`.
 CASES = {
     "validate-missing": ("validate {missing}", "{missing}: cannot read file: No such file", None),
     "validate-unreadable": ("validate {locked}", "{locked}: cannot read file: Permission denied", None),
-    "validate-not-utf8": ("validate {binary}", "{binary}: cannot read file: not UTF-8 text", LEAD_NOT_UTF8),
+    "validate-not-utf8": ("validate {binary}", "{binary}: cannot read file: not UTF-8 text", None),
     "validate-directory": ("validate {empty}", "{empty}: cannot read file: Is a directory", None),
     "validate-file-as-directory": ("validate {recipe} --set stages.pretrain.tokenizer={file}",
                                    "stages.pretrain.tokenizer: {file} is not a directory", None),
@@ -43,7 +42,7 @@ CASES = {
 
     "plan-missing": ("plan {missing}", "{missing}: cannot read file", None),
     "plan-unreadable": ("plan {locked}", "{locked}: cannot read file", None),
-    "plan-not-utf8": ("plan {binary}", "{binary}: cannot read file", LEAD_NOT_UTF8),
+    "plan-not-utf8": ("plan {binary}", "{binary}: cannot read file", None),
     "plan-directory": ("plan {empty}", "{empty}: cannot read file", None),
     "plan-png-directory": ("plan {recipe} --png {empty}", "--png: {empty} is a directory", None),
     "plan-png-under-file": ("plan {recipe} --png {file}/plan.png", "{file}: exists and is not a directory", None),
@@ -51,7 +50,7 @@ CASES = {
 
     "run-missing": ("run {missing}", "{missing}: cannot read file", None),
     "run-unreadable": ("run {locked}", "{locked}: cannot read file", None),
-    "run-not-utf8": ("run {binary}", "{binary}: cannot read file", LEAD_NOT_UTF8),
+    "run-not-utf8": ("run {binary}", "{binary}: cannot read file", None),
     "run-directory": ("run {empty}", "{empty}: cannot read file", None),
     "run-output-dir-file": ("run {recipe} --output-dir {file}", "{file}: exists and is not a directory", None),
     "run-malformed-set": ("run {recipe} --set stages.cpt.steps", SET_HINT, None),
@@ -62,12 +61,9 @@ CASES = {
     "anneal-file-as-stage": ("anneal {run}/recipe.yaml --from step-4 --steps 2", NOT_CHECKPOINT, None),
     "anneal-recipe-directory": ("anneal {dir_recipe_run}/pretrain --from step-4 --steps 2", "no recipe.yaml", None),
     "anneal-unreadable": ("anneal {locked_run}/pretrain --from step-4 --steps 2", NOT_CHECKPOINT, None),
-    "anneal-not-utf8": ("anneal {binary_run}/pretrain --from step-4 --steps 2", "cannot read file", LEAD_NOT_UTF8),
+    "anneal-not-utf8": ("anneal {binary_run}/pretrain --from step-4 --steps 2", "cannot read file", None),
     "anneal-malformed-set": (
-        "anneal {run}/pretrain --from step-4 --steps 2 --set steps", SET_HINT,
-        "lead: cpt.train.anneal.anneal must apply the --set items (apply_override on the branch stage's mapping) "
-        "before plan_recipe(main), so a malformed one is refused without tokenizing the run's data",
-    ),
+        "anneal {run}/pretrain --from step-4 --steps 2 --set steps", SET_HINT, None),
     "anneal-steps-not-a-number": ("anneal {run}/pretrain --from step-4 --steps two",
                                   "cpt anneal: argument --steps: invalid int value: 'two'", None),
 
@@ -87,7 +83,7 @@ CASES = {
     "eval-unreadable": ("eval {locked_run}/pretrain/final --recipe {tiny}", "config.json: cannot read file", None),
     "eval-recipe-missing": ("eval {empty} --recipe {missing}", "{missing}: cannot read file", None),
     "eval-recipe-directory": ("eval {empty} --recipe {empty}", "{empty}: cannot read file", None),
-    "eval-recipe-not-utf8": ("eval {empty} --recipe {binary}", "{binary}: cannot read file", LEAD_NOT_UTF8),
+    "eval-recipe-not-utf8": ("eval {empty} --recipe {binary}", "{binary}: cannot read file", None),
     "eval-malformed-set": ("eval {empty} --recipe {tiny} --set stages.cpt.steps", SET_HINT, None),
 
     "report-missing": ("report {missing}", "{missing}: no such run directory", None),
@@ -122,7 +118,7 @@ CASES = {
 
     "sweep-missing": ("sweep {missing} --stage cpt --ratios 0.5", "{missing}: cannot read file", None),
     "sweep-unreadable": ("sweep {locked} --stage cpt --ratios 0.5", "{locked}: cannot read file", None),
-    "sweep-not-utf8": ("sweep {binary} --stage cpt --ratios 0.5", "{binary}: cannot read file", LEAD_NOT_UTF8),
+    "sweep-not-utf8": ("sweep {binary} --stage cpt --ratios 0.5", "{binary}: cannot read file", None),
     "sweep-directory": ("sweep {empty} --stage cpt --ratios 0.5", "{empty}: cannot read file", None),
     "sweep-output-dir-file": ("sweep {recipe} --stage cpt --ratios 0.5 --output-dir {file}",
                               "{file}: exists and is not a directory", None),

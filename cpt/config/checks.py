@@ -3,15 +3,13 @@ schedules against stage lengths, harness tasks, files that must exist."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from cpt.config.evaluation import task_problem
 from cpt.config.recipe import Recipe, Stage
 from cpt.config.schedule import validate_schedule
 from cpt.data.mixture import weight_matrix
 from cpt.data.sources import check_domain
 from cpt.errors import CptError
+from cpt.paths import local_dir
 
 
 def check_recipe(recipe: Recipe, *, check_files: bool = True) -> list[CptError]:
@@ -74,10 +72,8 @@ def _file_problems(stage: Stage, where: str) -> list[CptError]:
     for field, path in (("model", stage.model and stage.model.path), ("tokenizer", stage.tokenizer and stage.tokenizer.path)):
         if path is None:
             continue
-        local = Path(path).expanduser()
-        if local.exists():
-            if not local.is_dir():
-                errors.append(CptError(f"{path} is not a directory", f"{where}.{field}"))
-        elif path.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1":
-            errors.append(CptError(f"{path} does not exist (and the hub is not reachable for it)", f"{where}.{field}"))
+        try:
+            local_dir(path, f"{where}.{field}")
+        except CptError as exc:
+            errors.append(exc)
     return errors

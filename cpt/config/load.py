@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from cpt.config.checks import check_recipe
 from cpt.config.recipe import STAGE_NAME, Recipe
 from cpt.errors import CptError, CptErrors
+from cpt.paths import read_text
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: bool = True) -> Recipe:
@@ -54,9 +55,9 @@ def recipe_from_mapping(raw: dict[str, Any], path: Path, overrides: list[str] = 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CptErrors([CptError(f"cannot read file: {exc.strerror or exc}", str(path))]) from None
+        text = read_text(path)
+    except CptError as exc:
+        raise CptErrors([exc]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

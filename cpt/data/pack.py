@@ -12,8 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import chain
@@ -27,6 +25,7 @@ from cpt.data.sources import fingerprint, iter_documents
 from cpt.data.splits import Split
 from cpt.data.tokenizer import tokenizer_fingerprint
 from cpt.errors import CptError
+from cpt.io import staged_entry
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -108,14 +107,10 @@ def _ensure(
         setting = os.environ["TOKENIZERS_PARALLELISM"]
         log.warning("TOKENIZERS_PARALLELISM=%s: tokenizing on one core; unset it to use them all", setting)
     dtype = token_dtype(tokenizer)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cache_dir))
-    try:
+    with staged_entry(entry, lambda e: _read_entry(e) is not None) as staging:  # flushed to disk before it appears
         with open(staging / "blocks.bin", "wb") as out:
             documents = iter_documents(cfg, split, seed)
             n_documents, n_tokens, n_blocks = _pack(documents, tokenizer.backend_tokenizer, eos, dtype, seq_len, out)
-            out.flush()
-            os.fsync(out.fileno())  # a crash must not leave a renamed entry whose tokens never reached the disk
         if n_blocks == 0:
             raise CptError(
                 f"the {split} split of {cfg.source} has {n_tokens} tokens in {n_documents} documents: "
@@ -126,9 +121,6 @@ def _ensure(
             n_blocks, seq_len, dtype.name, n_documents, n_tokens, cfg.source, split, domain_fp, tokenizer_fp
         )
         (staging / "meta.json").write_text(json.dumps(asdict(stats) | {"format": FORMAT_VERSION}, indent=1))
-        _publish(staging, entry)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return entry, stats
 
 
@@ -186,16 +178,3 @@ def _read_entry(entry: Path) -> BlockStats | None:
         log.warning("ignoring the damaged cache entry %s", entry)
         return None
     return stats
-
-
-def _publish(staging: Path, entry: Path) -> None:
-    """Move a finished entry into place; if another writer got there first with a sound entry, keep theirs."""
-    if entry.exists():
-        if _read_entry(entry) is not None:
-            return
-        shutil.rmtree(entry)
-    try:
-        os.rename(staging, entry)
-    except OSError:
-        if _read_entry(entry) is None:
-            raise

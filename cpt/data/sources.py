@@ -15,7 +15,13 @@ from typing import Any
 
 from cpt.config.data import DomainConfig, source_kind
 from cpt.data import builtin, files, hub
-from cpt.data.splits import Split, heldout_size, sampled_split, streamed_split, too_small
+from cpt.data.splits import (
+    Split,
+    heldout_size,
+    sampled_split,
+    streamed_split,
+    too_small,
+)
 
 
 def check_domain(cfg: DomainConfig) -> None:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
@@ -16,6 +13,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from cpt.config.tokenizer import TrainTokenizerConfig
 from cpt.errors import CptError, first_line
+from cpt.io import library_io_errors, staged_dir
+from cpt.paths import local_dir
 
 if TYPE_CHECKING:  # transformers imports torch: seconds that validating a recipe should not pay
     from transformers import PreTrainedTokenizerFast
@@ -28,11 +27,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     """Load a fast tokenizer that can mark document ends, which packing relies on."""
     from transformers import AutoTokenizer
 
-    local = Path(path).expanduser()
-    if not local.exists() and (local.is_absolute() or path.startswith((".", "~"))):  # clearly a path, not a hub id
-        raise CptError(f"cannot load tokenizer from {path}: no such directory", where="tokenizer")
+    local = local_dir(path, "tokenizer")
     try:
-        source = str(local) if local.exists() else path
+        source = str(local or path)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers signals a bad or missing tokenizer with many exception types
         raise CptError(f"cannot load tokenizer from {path}: {first_line(e)}", where="tokenizer") from e
@@ -83,25 +80,9 @@ def train_tokenizer(cfg: TrainTokenizerConfig, documents: Iterable[str], out_dir
         tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=PAD
     )
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as staging, library_io_errors(out_dir):  # readers see the old tokenizer or the new one
         wrapped.save_pretrained(staging)
-        _replace_dir(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return load_tokenizer(str(out_dir))
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put ``new`` at ``target``: readers see the old directory or the new one, never a mix."""
-    if not target.exists():
-        os.rename(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.rename(target, old / target.name)
-    os.rename(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:

@@ -14,9 +14,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from cpt.config.schema import resolve_length
 from cpt.eval.heldout import heldout_losses, heldout_sets, perplexity
 from cpt.eval.tasks import resolve_tasks, run_harness
-from cpt.config.schema import resolve_length
 from cpt.train.ema import Ema
 from cpt.train.metrics import eval_records, read_metrics
 

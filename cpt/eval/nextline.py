@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from itertools import islice
 from pathlib import Path
@@ -25,6 +22,7 @@ from cpt.config.data import DomainConfig
 from cpt.config.evaluation import NEXTLINE, nextline_task
 from cpt.data.sources import fingerprint, iter_documents
 from cpt.errors import CptError
+from cpt.io import staged_entry
 
 FORMAT_VERSION = 1  # bump whenever the examples or the task YAML change
 CHOICES = 4
@@ -136,19 +134,10 @@ def build_nextline_task(domain: str, cfg: DomainConfig, seed: int, cache_dir: Pa
             "raise heldout or drop the task",
             where=f"data.{domain}",
         )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
-    try:
+    with staged_entry(final, lambda entry: (entry / task_yaml.name).is_file()) as staging:
         with open(staging / "test.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(example, ensure_ascii=False) + "\n" for example in examples)
         (staging / task_yaml.name).write_text(yaml.safe_dump(_task_config(name, final / "test.jsonl"), sort_keys=False))
-        try:
-            os.rename(staging, final)
-        except OSError:
-            if not task_yaml.is_file():  # not another process having built the same task first
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return task_yaml
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from cpt.errors import CptError
+from cpt.io import write_text
 from cpt.laws.options import LAWS, FitOptions
 from cpt.paths import check_output_file
 
@@ -77,13 +78,6 @@ def _points(texts: list[str]) -> list[dict[str, float]]:
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def _print_text(report: dict, source: Path) -> None:
     print(f"{report['law']} on {report['rows']} rows of {source} (Huber delta {report['huber_delta']:g}, "
           f"{report['bootstrap']} bootstrap resamples)")
@@ -149,7 +143,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         tol = tolerance(_baseline(args.baseline_general_loss, table), args.epsilon, args.relative_tolerance)
         report, result = cmr_report(table, tol, options, points)
         if args.write_mixture:
-            _write_atomic(args.write_mixture, mixture_text(report, args.at_tokens, table.path))
+            Path(args.write_mixture).parent.mkdir(parents=True, exist_ok=True)
+            write_text(args.write_mixture, mixture_text(report, args.at_tokens, table.path))
         if args.png:
             plot.write_cmr_png(result, args.png)
     else:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cpt.io import write_with
 from cpt.laws.cmr import CmrResult
 from cpt.laws.fitting import LawFit
 from cpt.laws.problems import Problem
@@ -25,9 +26,7 @@ def _pyplot():
 
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def _axis_and_group(inputs: tuple[str, ...]) -> tuple[int, int | None]:

@@ -11,7 +11,13 @@ import math
 import numpy as np
 
 from cpt.errors import CptError
-from cpt.laws.cmr import CmrResult, Tolerance, cmr_ratio_at, critical_mixture_ratio, read_sweep
+from cpt.laws.cmr import (
+    CmrResult,
+    Tolerance,
+    cmr_ratio_at,
+    critical_mixture_ratio,
+    read_sweep,
+)
 from cpt.laws.fitting import LawFit, analyse, scores
 from cpt.laws.options import FitOptions
 from cpt.laws.problems import Problem, problems

@@ -46,8 +46,15 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
 
     Files of other names in ``out`` are left alone; each written file replaces its old version whole.
     """
-    from cpt.report.page import html_page, summary_markdown, write_text
-    from cpt.report.plots import harness_keys, plot_delta, plot_harness, plot_loss, plot_lr_mixture
+    from cpt.io import write_text
+    from cpt.report.page import html_page, summary_markdown
+    from cpt.report.plots import (
+        harness_keys,
+        plot_delta,
+        plot_harness,
+        plot_loss,
+        plot_lr_mixture,
+    )
     from cpt.report.runs import load_runs
     from cpt.report.summary import table_rows
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 
 from cpt.report.summary import StageRow, table_cells
@@ -69,13 +68,6 @@ figcaption {{ color: #555; }}
 </body>
 </html>
 """
-
-
-def write_text(path: Path, text: str) -> None:
-    """Through a temporary file, so a reader never sees half a page."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _markdown_cell(text: str) -> str:

@@ -7,7 +7,6 @@ state and nothing needs closing. Each PNG is written to a temporary name and ren
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter
 from matplotlib.transforms import blended_transform_factory
 
+from cpt.io import write_with
 from cpt.report.runs import RunData, StageData, as_float, ordered_union
 from cpt.report.series import mixture_shares, rolling_mean, smoothing_window
 
@@ -176,6 +176,4 @@ def _finish(fig: Figure, path: Path, handles: list) -> None:
     """Key above the panels, then write the PNG through a temporary file."""
     if handles:
         fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 4), fontsize=8, frameon=False)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

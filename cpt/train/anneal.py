@@ -45,6 +45,8 @@ def anneal(stage_dir: Path, from_checkpoint: str, steps: int, overrides: list[st
     index = next((i for i, s in enumerate(main.stages) if s.name == name), None)
     if index is None:
         raise CptError(f"the run has no stage {name!r}", str(stage_dir))
+    prefixed = [f"stages.{name}.{item}" for item in overrides]
+    recipe_from_mapping(read_yaml_mapping(recipe_path), recipe_path, prefixed)  # a bad --set fails before any planning
     main_plans = plan_recipe(main)[: index + 1]
     main_plan = main_plans[-1]
 
@@ -58,7 +60,7 @@ def anneal(stage_dir: Path, from_checkpoint: str, steps: int, overrides: list[st
         mixture={"weights": dict(zip(main_plan.domains, main_plan.weights[min(at, main_plan.steps - 1)].tolist()))},
         checkpoint={"every": None, "keep": 1},
     )
-    recipe = recipe_from_mapping(raw, recipe_path, [f"stages.{name}.{item}" for item in overrides])
+    recipe = recipe_from_mapping(raw, recipe_path, prefixed)
     branch = recipe.stages[index]
     out = stage_dir / f"anneal-{from_checkpoint}"
 

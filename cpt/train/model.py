@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cpt.errors import CptError, first_line
+from cpt.paths import local_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -31,12 +31,10 @@ def build_model(model: str | dict[str, Any], *, trust_remote_code: bool = False,
         except (ValueError, TypeError, KeyError) as e:
             raise CptError(f"cannot build a causal LM from this config: {first_line(e)}", where="model.config") from e
     else:
-        local = Path(model).expanduser()
-        if not local.exists() and (local.is_absolute() or model.startswith((".", "~"))):
-            raise CptError(f"cannot load {model}: no such directory", where="model")
+        local = local_dir(model, "model")
         try:
             built = AutoModelForCausalLM.from_pretrained(
-                str(local) if local.exists() else model, trust_remote_code=trust_remote_code, dtype=dtype
+                str(local or model), trust_remote_code=trust_remote_code, dtype=dtype
             )
         except Exception as e:  # transformers reports a missing or broken checkpoint with many exception types
             raise CptError(f"cannot load {model}: {first_line(e)}", where="model") from e
