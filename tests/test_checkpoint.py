@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from scripts import tiny
 
+from cpt.config.training import DistributedConfig, OptimizerConfig
 from cpt.errors import CptError
 from cpt.train.checkpoint import MARKER, checkpoints, latest, load, read_meta, save
-from cpt.config.training import DistributedConfig, OptimizerConfig
 from cpt.train.engine import build_engine
 from cpt.train.model import build_model, resize_for_tokenizer
-from scripts import tiny
 
 SCRIPTS = Path(__file__).parent / "scripts"
 

@@ -15,15 +15,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from scripts import tiny
 
+from cpt.config.training import DistributedConfig, OptimizerConfig
 from cpt.errors import CptError
 from cpt.train.checkpoint import save
-from cpt.config.training import DistributedConfig, OptimizerConfig
 from cpt.train.engine import build_engine
 from cpt.train.export import export_hf, gather_state_dict
-from cpt.train.launch import DistributedContext, distributed_context, launcher_command, needs_launch, relaunch_under_deepspeed
+from cpt.train.launch import (
+    DistributedContext,
+    distributed_context,
+    launcher_command,
+    needs_launch,
+    relaunch_under_deepspeed,
+)
 from cpt.train.model import build_model, resize_for_tokenizer
-from scripts import tiny
 
 SCRIPTS = Path(__file__).parent / "scripts"
 LRS = [3e-3, 1e-2, 5e-3, 2e-3, 7e-3, 4e-3]

@@ -9,8 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cpt.config.data import DomainConfig
-from cpt.data.sources import iter_documents
 from cpt.config.tokenizer import TrainTokenizerConfig
+from cpt.data.sources import iter_documents
 from cpt.data.tokenizer import train_tokenizer
 from cpt.eval.heldout import heldout_losses, heldout_sets, perplexity
 from cpt.eval.lockstep import lockstep_sums

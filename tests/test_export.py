@@ -7,14 +7,14 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from scripts import tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from cpt.train.checkpoint import save
 from cpt.config.training import DistributedConfig, OptimizerConfig
+from cpt.train.checkpoint import save
 from cpt.train.engine import build_engine
 from cpt.train.export import export_checkpoint, export_hf
 from cpt.train.model import build_model, resize_for_tokenizer
-from scripts import tiny
 
 TEXT = "The with statement is used to wrap the execution of a block."
 

@@ -12,14 +12,14 @@ import yaml
 from pydantic import ValidationError
 
 from cpt.config.data import DomainConfig
-from cpt.data.sources import iter_documents
+from cpt.config.evaluation import HarnessConfig
 from cpt.config.tokenizer import TrainTokenizerConfig
+from cpt.data.sources import iter_documents
 from cpt.data.tokenizer import train_tokenizer
 from cpt.errors import CptError
-from cpt.config.evaluation import HarnessConfig
 from cpt.eval.lm_adapter import harness_lm, loglikelihoods
-from cpt.eval.tasks import HarnessTasks, plain_metrics, resolve_tasks, run_harness
 from cpt.eval.nextline import build_nextline_task, is_answer_line, nextline_examples
+from cpt.eval.tasks import HarnessTasks, plain_metrics, resolve_tasks, run_harness
 
 CPU = torch.device("cpu")
 CODE = DomainConfig(source="builtin:python-stdlib", heldout=6)

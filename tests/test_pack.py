@@ -14,9 +14,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import cpt.data.pack as pack
 from cpt.config.data import DomainConfig
+from cpt.config.tokenizer import TrainTokenizerConfig
 from cpt.data.pack import block_stats, cache_path, load_blocks
 from cpt.data.sources import iter_documents
-from cpt.config.tokenizer import TrainTokenizerConfig
 from cpt.data.tokenizer import train_tokenizer
 from cpt.errors import CptError
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cpt.errors import CptErrors
 from cpt.config.load import apply_override, load_recipe
 from cpt.config.recipe import dump_recipe
+from cpt.errors import CptErrors
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"

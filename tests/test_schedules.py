@@ -24,8 +24,8 @@ from cpt.config.schedule import (
     WSDSSchedule,
     validate_schedule,
 )
-from cpt.errors import CptError
 from cpt.config.schema import resolve_length
+from cpt.errors import CptError
 from cpt.train.schedules import decay_ends, lr_at, lr_curve
 
 SHAPES = ["linear", "cosine", "1-sqrt"]

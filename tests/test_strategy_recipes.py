@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from cpt.train.schedules import lr_at
-
 from cpt.cli import main
 from cpt.config.load import load_recipe
 from cpt.config.recipe import Recipe
 from cpt.train.metrics import read_metrics, train_records
+from cpt.train.schedules import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
