@@ -110,9 +110,17 @@ def main(argv: list[str] | None = None) -> int:
         for error in exc.errors:
             print(f"error: {error}", file=sys.stderr)
     except CptError as exc:
-        where = f"{args.recipe}: " if getattr(args, "recipe", None) and not str(exc).startswith(str(args.recipe)) else ""
-        print(f"error: {where}{exc}", file=sys.stderr)
+        print(f"error: {_with_recipe(exc, getattr(args, 'recipe', None))}", file=sys.stderr)
+    except OSError as exc:  # a failed read or write that no module turned into a CptError
+        print(f"error: {exc.filename or 'I/O'}: {exc.strerror or exc}", file=sys.stderr)
     return 2
+
+
+def _with_recipe(exc: CptError, recipe: str | None) -> str:
+    """A field path (``stages.cpt.batch``) is named with its recipe file; a path names itself."""
+    if recipe is None or str(exc).startswith(str(recipe)) or "/" in exc.where.split(": ")[0]:
+        return str(exc)
+    return f"{recipe}: {exc}"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

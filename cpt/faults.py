@@ -1,7 +1,7 @@
 """Deterministic fault injection for the crash tests: ``CPT_FAULT=<point>[@<n>]:<kill|enospc>``.
 
 The checkpoint and file-writing code names its phases (``checkpoint.engine``, ``checkpoint.rng``,
-``checkpoint.marker``, ``checkpoint.renamed``, ``io.write``, ``metrics.write``); when the variable names a phase the
+``checkpoint.marker`` (before it is written), ``checkpoint.rename``, ``checkpoint.renamed``, ``io.write``, ``metrics.write``); when the variable names a phase the
 process dies there with SIGKILL (as a node failure would) or sees ENOSPC (as on a full disk),
 at the n-th time it passes the phase (default 1). Unset, a point costs one dictionary lookup.
 """

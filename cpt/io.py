@@ -8,6 +8,7 @@ flushed too). An ``OSError`` becomes a :class:`CptError` naming the path and the
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -38,14 +39,26 @@ _WRITE_FAILURE = re.compile(r"write failed|No space left|os error|IoError|Input/
 
 @contextmanager
 def library_io_errors(path: Path | str) -> Iterator[None]:
-    """Like :func:`io_errors` around a library's save call, whose writers wrap the OS error in their own."""
+    """Like :func:`io_errors` around a library's save call, whose writers wrap the OS error in their
+    own words (torch reports a short write on a full disk as an "unexpected pos")."""
     with io_errors(path):
         try:
             yield
         except Exception as exc:  # noqa: BLE001 - re-raised unless it is a failed write
-            if isinstance(exc, (OSError, CptError)) or not _WRITE_FAILURE.search(str(exc)):
+            if isinstance(exc, (OSError, CptError)):
+                raise
+            if _disk_full(Path(path)):
+                raise CptError(f"cannot write: {os.strerror(errno.ENOSPC)}", where=str(path)) from None
+            if not _WRITE_FAILURE.search(str(exc)):
                 raise
             raise CptError(f"cannot write: {first_line(exc)}", where=str(path)) from None
+
+
+def _disk_full(path: Path) -> bool:
+    """Whether the filesystem that holds ``path`` has (next to) no space left."""
+    existing = next((p for p in [path, *path.parents] if p.exists()), Path("/"))
+    stats = os.statvfs(existing)
+    return stats.f_bavail * stats.f_frsize < 64 * 1024
 
 
 def write_text(path: Path, text: str) -> None:
@@ -149,10 +162,14 @@ def fsync_tree(root: Path, *, only: Callable[[Path], bool] = lambda _: True) -> 
         fsync_dir(Path(dirpath))
 
 
-def claim_dir(out: Path, identity: str, text: str, *, resume: bool, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
+def claim_dir(
+    out: Path, identity: str, text: str, *, resume: bool, overwrite: bool, keep: tuple[str, ...] = (),
+    same: Callable[[str, str], bool] = str.__eq__,
+) -> None:
     """Make ``out`` the directory of the job described by ``text`` (saved as ``out/identity``).
 
-    An existing directory is continued only with ``resume`` and the same ``text``, replaced only
+    An existing directory is continued only with ``resume`` and a ``text`` that is the ``same``
+    job (then saved as the job's description from here on), replaced only
     with ``overwrite`` (its entries named in ``keep``, such as the lock, stay); anything else is
     refused, so no run is ever clobbered by accident.
     """
@@ -162,12 +179,15 @@ def claim_dir(out: Path, identity: str, text: str, *, resume: bool, overwrite: b
     existing = [p for p in out.iterdir() if p.name not in keep] if out.is_dir() else []
     if existing:
         if resume and saved.is_file():
-            if saved.read_text() != text:
+            before = saved.read_text()
+            if not same(before, text):
                 raise CptError(
-                    f"the settings differ from the ones this job was started with ({saved}); resume with the same "
+                    f"the new {identity} differs from the one this run was started with ({saved}); resume with the same "
                     "recipe and --set overrides, or choose another output directory",
                     str(out),
                 )
+            if before != text:
+                write_text(saved, text)
             return
         if overwrite:
             with io_errors(out):

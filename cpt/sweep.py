@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt.config.load import apply_override, read_yaml_mapping, recipe_from_mapping
-from cpt.config.recipe import Recipe, dump_recipe
+from cpt.config.recipe import Recipe, dump_recipe, stage_index
 from cpt.errors import CptError
 from cpt.io import staged_dir, write_text, write_with
 from cpt.lock import hold
@@ -59,9 +59,10 @@ def sweep_recipes(raw: dict[str, Any], path: Path, stage_name: str, ratios: list
 
 def swept_stage(names: list, stage_name: str, ratios: list[float]) -> int:
     """The index of the swept stage; CptError for an unknown or first stage or a ratio outside [0, 1]."""
-    if stage_name not in names:
-        raise CptError(f"no stage named {stage_name!r} (stages: {', '.join(map(str, names))})", "--stage")
-    index = names.index(stage_name)
+    try:
+        index = stage_index(names, stage_name)
+    except CptError as exc:
+        raise CptError(exc.message, "--stage") from None
     if index == 0:
         raise CptError("the swept stage needs an earlier stage: its domains are the general data to replay", "--stage")
     outside = [r for r in ratios if not 0 <= r <= 1]

@@ -19,7 +19,7 @@ import torch
 from scripts import tiny
 
 from cpt.train.checkpoint import read_meta
-from cpt.train.engine import DistributedConfig
+from cpt.config.training import DistributedConfig
 from cpt.train.launch import launcher_command
 from cpt.train.reshard import UNIVERSAL, convert
 

@@ -15,7 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from cpt.config.checks import check_recipe
-from cpt.config.recipe import STAGE_NAME, Recipe
+from cpt.config.recipe import STAGE_NAME, Recipe, stage_index
 from cpt.errors import CptError, CptErrors
 from cpt.paths import read_text
 
@@ -106,11 +106,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def _stage_by_name(stages: list[Any], name: str) -> dict[str, Any]:
-    for stage in stages:
-        if isinstance(stage, dict) and stage.get("name") == name:
-            return stage
-    names = [s.get("name") for s in stages if isinstance(s, dict)]
-    raise CptError(f"no stage named {name!r} (stages: {', '.join(map(str, names))})")
+    try:
+        return stages[stage_index([s.get("name") if isinstance(s, dict) else None for s in stages], name)]
+    except CptError as exc:
+        raise CptError(exc.message) from None
 
 
 def mixture_search_path(recipe_path: Path) -> list[Path]:

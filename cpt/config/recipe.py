@@ -219,10 +219,7 @@ class Recipe(Strict):
         return self
 
     def stage(self, name: str) -> Stage:
-        for stage in self.stages:
-            if stage.name == name:
-                return stage
-        raise CptError(f"no stage named {name!r} (stages: {', '.join(s.name for s in self.stages)})", "stages")
+        return self.stages[stage_index([s.name for s in self.stages], name)]
 
     def domains(self) -> dict[str, DomainConfig]:
         """Every domain the recipe defines, in order of first definition."""
@@ -235,6 +232,13 @@ class Recipe(Strict):
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
         return Path(os.environ.get("CPT_CACHE_DIR", Path.home() / ".cache" / "cpt"))
+
+
+def stage_index(names: list, name: str) -> int:
+    """Where the stage called ``name`` is among a recipe's stage ``names``; CptError naming them otherwise."""
+    if name not in names:
+        raise CptError(f"no stage named {name!r} (stages: {', '.join(map(str, names))})", "stages")
+    return names.index(name)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from cpt.config.load import read_yaml_mapping, recipe_from_mapping
-from cpt.config.recipe import dump_recipe
+from cpt.config.recipe import dump_recipe, stage_index
 from cpt.errors import CptError
 from cpt.io import claim_dir
 from cpt.lock import FILES as LOCK_FILES
@@ -42,9 +42,10 @@ def anneal(stage_dir: Path, from_checkpoint: str, steps: int, overrides: list[st
     ckpt = stage_dir / "checkpoints" / from_checkpoint
     at = checkpoint.read_meta(ckpt)["step"]  # a complete checkpoint, or a clear error
     main = recipe_from_mapping(read_yaml_mapping(recipe_path), recipe_path)
-    index = next((i for i, s in enumerate(main.stages) if s.name == name), None)
-    if index is None:
-        raise CptError(f"the run has no stage {name!r}", str(stage_dir))
+    try:
+        index = stage_index([s.name for s in main.stages], name)
+    except CptError as exc:
+        raise CptError(exc.message, str(stage_dir)) from None
     prefixed = [f"stages.{name}.{item}" for item in overrides]
     recipe_from_mapping(read_yaml_mapping(recipe_path), recipe_path, prefixed)  # a bad --set fails before any planning
     main_plans = plan_recipe(main)[: index + 1]

@@ -31,6 +31,7 @@ import torch
 from cpt import dist, faults
 from cpt.errors import CptError
 from cpt.io import fsync_tree, io_errors, library_io_errors, replace_dir, write_json
+from cpt.train import reshard
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -53,13 +54,14 @@ def _tag(step: int) -> str:
 
 def save(
     trainer: StepEngine, root: Path, step: int, client_state: dict[str, Any], *, tokenizer: PreTrainedTokenizerBase,
-    keep: int | None = None, rank_tensors: dict[str, torch.Tensor] | None = None,
+    keep: int | None = None, rank_tensors: dict[str, torch.Tensor] | None = None, data: dict[str, Any] | None = None,
 ) -> Path:
     """Save a checkpoint of ``trainer`` after ``step`` (every rank calls this); keep the last ``keep``.
 
     ``client_state`` is the caller's resumable state (data position, step, ...); it must be
     picklable and is returned by :func:`load`. ``rank_tensors`` are this rank's own tensors,
-    read back by :func:`load_rank_tensors`. Refuses (CptError) when a weight is non-finite; a
+    read back by :func:`load_rank_tensors`. ``data`` describes the data the state indexes; it is
+    kept in the marker, readable (:func:`read_meta`) before anything is loaded. Refuses (CptError) when a weight is non-finite; a
     failed write (a full disk) is a CptError naming the path, and the earlier checkpoints stay.
     """
     if keep is not None and keep < 1:
@@ -77,9 +79,9 @@ def save(
         _write_rank_files(trainer, tmp, step, client_state, rank_tensors)
         dist.barrier()  # every rank's files are on disk before the marker says so
         if trainer.rank == 0:
-            _complete(trainer, tmp, step, tokenizer)
-            faults.point("checkpoint.marker", tmp)
+            _complete(trainer, tmp, step, tokenizer, data)
             with io_errors(final):
+                faults.point("checkpoint.rename", tmp)
                 replace_dir(tmp, final)
             faults.point("checkpoint.renamed", final)
             prune(root, keep)
@@ -96,8 +98,8 @@ def _write_rank_files(
     """This rank's part of a save, flushed to disk: DeepSpeed's files, its generators, its own tensors."""
     with library_io_errors(tmp):
         trainer.engine.save_checkpoint(str(tmp), tag=_tag(step), client_state={_CLIENT_KEY: client_state})
-    faults.point("checkpoint.engine", tmp)
     with io_errors(tmp):
+        faults.point("checkpoint.engine", tmp)
         (tmp / "rng").mkdir(exist_ok=True)
         write_json(tmp / "rng" / f"rank-{trainer.rank}.json", _rng_state())
         faults.point("checkpoint.rng", tmp)
@@ -112,7 +114,7 @@ def _write_rank_files(
         fsync_tree(tmp)
 
 
-def _complete(trainer: StepEngine, tmp: Path, step: int, tokenizer: PreTrainedTokenizerBase) -> None:
+def _complete(trainer: StepEngine, tmp: Path, step: int, tokenizer: PreTrainedTokenizerBase, data: dict | None) -> None:
     """Rank 0's last part: the config and tokenizer for export, then the marker that makes it a checkpoint."""
     with library_io_errors(tmp / "hf"):
         trainer.module.config.save_pretrained(tmp / "hf")
@@ -127,9 +129,11 @@ def _complete(trainer: StepEngine, tmp: Path, step: int, tokenizer: PreTrainedTo
         "zero_stage": trainer.zero_stage,
         "precision": trainer.precision,
         "trainer": trainer.state_dict(),
+        "data": data,
     }
     with io_errors(tmp):
         fsync_tree(tmp / "hf")
+        faults.point("checkpoint.marker", tmp)
         write_json(tmp / MARKER, meta)
 
 
@@ -178,13 +182,14 @@ def prune(root: Path, keep: int | None) -> None:
 def load(trainer: StepEngine, ckpt_dir: Path) -> dict[str, Any]:
     """Restore model, optimizer, counters and this rank's generators; return the saved client state.
 
-    The run must have the checkpoint's world size, ZeRO stage and precision: that is what makes
-    the continuation exact. To change them, export the checkpoint and start from the export.
+    The run must have the checkpoint's ZeRO stage and precision: that is what makes the
+    continuation exact (to change them, export the checkpoint and start from the export). Another
+    number of processes is fine: the checkpoint is converted once (:mod:`cpt.train.reshard`).
     DeepSpeed unpickles its checkpoint files: load only checkpoints you trust.
     """
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
-    here = {"world_size": trainer.world_size, "zero_stage": trainer.zero_stage, "precision": trainer.precision}
+    here = {"zero_stage": trainer.zero_stage, "precision": trainer.precision}
     differ = [f"{k} {meta[k]} (this run: {v})" for k, v in here.items() if meta[k] != v]
     if differ:
         raise CptError(
@@ -192,22 +197,20 @@ def load(trainer: StepEngine, ckpt_dir: Path) -> dict[str, Any]:
             "or `cpt export` it and start a new stage from the export",
             where="checkpoint",
         )
-    path, client = trainer.engine.load_checkpoint(str(ckpt_dir), tag=meta["tag"], load_lr_scheduler_states=False)
+    path, client = reshard.load_engine(trainer, ckpt_dir, meta)
     if path is None:
         raise CptError(f"DeepSpeed could not load {ckpt_dir / meta['tag']}", where="checkpoint")
     trainer.load_state_dict(meta["trainer"])
-    _set_rng_state(json.loads((ckpt_dir / "rng" / f"rank-{trainer.rank}.json").read_text()))
+    _set_rng_state(json.loads((ckpt_dir / "rng" / f"rank-{reshard.source_rank(meta, trainer.rank)}.json").read_text()))
     return client[_CLIENT_KEY]
 
 
-def load_rank_tensors(ckpt_dir: Path, rank: int) -> dict[str, torch.Tensor] | None:
-    """The tensors rank ``rank`` saved with the checkpoint, or None when it saved none."""
-    path = Path(ckpt_dir) / "tensors" / f"rank-{rank}.safetensors"
-    if not path.is_file():
-        return None
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
+def load_rank_tensors(
+    ckpt_dir: Path, rank: int, world_size: int, params: dict[str, torch.nn.Parameter]
+) -> dict[str, torch.Tensor] | None:
+    """Rank ``rank``'s part of the per-rank tensors saved with the checkpoint (None when none were),
+    re-cut for ``world_size`` processes; ``params`` maps each tensor's name to the weight it follows."""
+    return reshard.rank_tensors(ckpt_dir, read_meta(ckpt_dir), rank, world_size, params)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -46,13 +46,14 @@ def restore(engine: StepEngine, plan: StagePlan, root: Path, resume: bool, fork:
     """Load the stage's latest checkpoint (``resume``) or the fork's, checking the data they index."""
     latest = checkpoint.latest(root) if resume else None
     if latest is not None:
+        check_data(checkpoint.read_meta(latest).get("data"), plan.data_pins(), latest, set(plan.domains))
         state = checkpoint.load(engine, latest)
-        check_data(state.get("data"), plan.data_pins(), latest, set(plan.domains))
         return Restored(int(state["step"]), state["sampler"], state.get("offsets"), latest)
     if fork is None:
         return Restored()
+    check_data(checkpoint.read_meta(fork.checkpoint).get("data"), plan.data_pins(), fork.checkpoint,
+               set(plan.domains) & set(fork.domains))
     parent = checkpoint.load(engine, fork.checkpoint)
-    check_data(parent.get("data"), plan.data_pins(), fork.checkpoint, set(plan.domains) & set(fork.domains))
     counts = dict(zip(fork.domains, parent["sampler"]["counts"]))
     engine.load_state_dict({"updates": 0, "nonfinite": 0})
     return Restored(offsets=[counts.get(d, 0) for d in plan.domains], source=fork.checkpoint)
@@ -98,9 +99,8 @@ class Checkpointer:
             with self.exported():
                 export_hf(self.engine, self.plan.tokenizer, self.releases / f"step-{done}")
         if self.due(done, stopping):
-            client = {"step": done, "sampler": self.sampler.state_dict(), "offsets": self.offsets,
-                      "data": self.plan.data_pins()}
+            client = {"step": done, "sampler": self.sampler.state_dict(), "offsets": self.offsets}
             checkpoint.save(
                 self.engine, self.root, done, client, tokenizer=self.plan.tokenizer, keep=self.plan.stage.checkpoint.keep,
-                rank_tensors=self.ema.state_dict() if self.ema is not None else None,
+                rank_tensors=self.ema.state_dict() if self.ema is not None else None, data=self.plan.data_pins(),
             )

@@ -13,10 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-
-def _local(p: torch.nn.Parameter) -> torch.Tensor:
-    """The part of ``p`` this rank owns: its ZeRO-3 partition, or the whole weight (ZeRO 0-2)."""
-    return p.ds_tensor.data if hasattr(p, "ds_tensor") else p.data
+from cpt.train.engine import local_shard
 
 
 def _drop_gathered(params: list[torch.nn.Parameter]) -> None:
@@ -31,27 +28,27 @@ class Ema:
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.shadow = [_local(p).detach().float().clone() for p in self.params]
+        self.shadow = [local_shard(p).detach().float().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [_local(p).float() for p in self.params], 1.0 - self.decay)
+        torch._foreach_lerp_(self.shadow, [local_shard(p).float() for p in self.params], 1.0 - self.decay)
 
     @contextmanager
     def applied(self) -> Iterator[None]:
         """Put the average into the model for the duration (evaluation, export), then restore the
         trained weights bit for bit."""
-        saved = [_local(p).clone() for p in self.params]
+        saved = [local_shard(p).clone() for p in self.params]
         try:
             with torch.no_grad():
                 for p, s in zip(self.params, self.shadow):
-                    _local(p).copy_(s)
+                    local_shard(p).copy_(s)
             _drop_gathered(self.params)
             yield
         finally:
             with torch.no_grad():
                 for p, s in zip(self.params, saved):
-                    _local(p).copy_(s)
+                    local_shard(p).copy_(s)
             _drop_gathered(self.params)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

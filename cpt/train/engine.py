@@ -204,7 +204,7 @@ class StepEngine:
 
     def weights_finite(self) -> bool:
         """Whether every weight is finite, on every rank (collective; ZeRO-3 checks its shards)."""
-        local = all(bool(torch.isfinite(_local_shard(p)).all()) for p in self.module.parameters())
+        local = all(bool(torch.isfinite(local_shard(p)).all()) for p in self.module.parameters())
         return bool(dist.reduce_values([float(local)], self.device, op="min")[0])
 
     def train_step(
@@ -294,9 +294,9 @@ def _grad_norm(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
 
 
-def _local_shard(p: torch.nn.Parameter) -> torch.Tensor:
-    """The part of a weight this rank holds: its ZeRO-3 partition, or the whole weight."""
-    return getattr(p, "ds_tensor", p).detach()
+def local_shard(p: torch.nn.Parameter) -> torch.Tensor:
+    """The part of a weight this rank holds: its ZeRO-3 partition, or the whole weight (ZeRO 0-2)."""
+    return p.ds_tensor.data if hasattr(p, "ds_tensor") else p.data
 
 
 def build_engine(

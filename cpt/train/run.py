@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from cpt import dist
 from cpt.config.recipe import Recipe, dump_recipe
@@ -57,10 +58,25 @@ class RunOptions:
     argv: tuple[str, ...] = ()  # the command's arguments, to tell the user how to resume
 
 
+# Where the processes run, not what they compute: a run may resume on another number of them.
+PLACEMENT = ("num_processes", "hostfile", "master_port")
+
+
 def prepare_output_dir(recipe: Recipe, opts: RunOptions) -> None:
     """Claim the run directory: never clobber one without --resume or --overwrite."""
     claim_dir(opts.output_dir, "recipe.yaml", dump_recipe(recipe), resume=opts.resume, overwrite=opts.overwrite,
-              keep=LOCK_FILES)
+              keep=LOCK_FILES, same=same_run)
+
+
+def same_run(saved: str, new: str) -> bool:
+    """Whether two resolved recipes describe the same run, wherever its processes are placed."""
+    def computed(text: str) -> dict:
+        recipe = yaml.safe_load(text)
+        for key in PLACEMENT:
+            recipe.get("distributed", {}).pop(key, None)
+        return recipe
+
+    return saved == new or computed(saved) == computed(new)
 
 
 class StopRequest:
@@ -224,7 +240,7 @@ def _stage_ema(engine: StepEngine, stage, restored: Restored, rank: int) -> Ema 
         return None
     ema = Ema(engine.module, stage.ema.decay)
     if restored.source is not None:
-        saved = load_rank_tensors(restored.source, rank)
+        saved = load_rank_tensors(restored.source, rank, engine.world_size, dict(zip(ema.state_dict(), ema.params)))
         if saved is not None:  # a fork from a run without EMA starts the average at its weights
             ema.load_state_dict(saved)
     return ema

@@ -11,12 +11,12 @@ import json
 import sys
 from pathlib import Path
 
+import tiny
 import torch
 from transformers import AutoTokenizer
 
-import tiny
-from cpt.train.checkpoint import load, save
 from cpt.config.training import DistributedConfig, OptimizerConfig
+from cpt.train.checkpoint import load, save
 from cpt.train.engine import build_engine
 from cpt.train.export import export_hf, gather_state_dict
 from cpt.train.launch import distributed_context

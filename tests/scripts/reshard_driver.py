@@ -23,7 +23,7 @@ import torch
 from transformers import AutoTokenizer
 
 from cpt.data.sampler import MixtureSampler
-from cpt.train import checkpoint, reshard
+from cpt.train import checkpoint
 from cpt.train.ema import Ema
 from cpt.train.engine import DistributedConfig, OptimizerConfig, build_engine
 from cpt.train.export import gather_state_dict
@@ -42,17 +42,6 @@ def trainer_for(stage: int, world_size: int, tokenizer, seed: int):
     resize_for_tokenizer(model, tokenizer)
     dist = DistributedConfig(zero_stage=stage, num_processes=world_size)
     return build_engine(model, dist, OptimizerConfig(), LRS.__getitem__, MICRO, BATCH // world_size // MICRO)
-
-
-def resume(trainer, ckpt_dir: Path) -> dict:
-    """What checkpoint.load does once it resumes on another world size through cpt.train.reshard."""
-    meta = checkpoint.read_meta(ckpt_dir)
-    path, client = reshard.load_engine(trainer, ckpt_dir, meta)
-    assert path is not None, ckpt_dir
-    trainer.load_state_dict(meta["trainer"])
-    rng = ckpt_dir / "rng" / f"rank-{reshard.source_rank(meta, trainer.rank)}.json"
-    checkpoint._set_rng_state(json.loads(rng.read_text()))
-    return {"meta": meta, "client": client[checkpoint._CLIENT_KEY]}
 
 
 def ema_checksums(trainer, ema: Ema) -> list[float] | None:
@@ -75,11 +64,11 @@ def phase(out: Path, tokenizer, data: torch.Tensor, stage: int, source: int | No
     here = out / f"z{stage}" / (f"w{ctx.world_size}" if source is None else f"w{source}-to-w{ctx.world_size}")
     if source is not None:
         ckpt = checkpoint.step_dir(out / f"z{stage}" / f"w{source}" / "ckpt", SAVE_AT)
-        state = resume(trainer, ckpt)
-        sampler.load_state_dict(state["client"]["sampler"])
-        ema.load_state_dict(reshard.rank_tensors(ckpt, state["meta"], ctx.rank, ctx.world_size,
-                                                 dict(zip(ema.state_dict(), ema.params))))
-        start = state["client"]["step"]
+        client = checkpoint.load(trainer, ckpt)  # another world size: converted by cpt.train.reshard
+        sampler.load_state_dict(client["sampler"])
+        ema.load_state_dict(checkpoint.load_rank_tensors(ckpt, ctx.rank, ctx.world_size,
+                                                         dict(zip(ema.state_dict(), ema.params))))
+        start = client["step"]
     losses, rows = {}, {}
     for step in range(start, STEPS):
         picked = sampler.next_step()

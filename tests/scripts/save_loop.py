@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import tiny
 import torch
 from transformers import AutoTokenizer
 
-import tiny
-from cpt.train.checkpoint import save
 from cpt.config.training import DistributedConfig, OptimizerConfig
+from cpt.train.checkpoint import save
 from cpt.train.engine import build_engine
 from cpt.train.model import build_model
 
