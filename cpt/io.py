@@ -88,16 +88,10 @@ def write_with(path: Path, write: Callable[[Path], Any]) -> None:
 @contextmanager
 def staged_dir(target: Path) -> Iterator[Path]:
     """A fresh temporary sibling of ``target`` to fill; on success it replaces ``target`` whole."""
-    target = Path(target)
-    with io_errors(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.", dir=target.parent))
-        try:
-            yield staging
-            fsync_tree(staging)
-            replace_dir(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    with _staging(Path(target)) as staging:
+        yield staging
+        _flush(staging, target)
+        replace_dir(staging, target)
 
 
 @contextmanager
@@ -105,25 +99,37 @@ def staged_entry(target: Path, sound: Callable[[Path], bool]) -> Iterator[Path]:
     """Like :func:`staged_dir`, for a cache entry that several processes may build at once: the
     first sound entry to appear stays (``sound`` tells), and a damaged one is replaced."""
     target = Path(target)
+    with _staging(target) as staging:
+        yield staging
+        _flush(staging, target)
+        if target.exists():
+            if sound(target):
+                return
+            shutil.rmtree(target)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not sound(target):  # not another writer that got there first
+                raise
+        fsync_dir(target.parent)
+
+
+@contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A temporary sibling directory of ``target``, removed unless the block moved it into place."""
     with io_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.", dir=target.parent))
         try:
             yield staging
-            fsync_tree(staging)
-            faults.point("io.write", target)
-            if target.exists():
-                if sound(target):
-                    return
-                shutil.rmtree(target)
-            try:
-                os.rename(staging, target)
-            except OSError:
-                if not sound(target):  # not another writer that got there first
-                    raise
-            fsync_dir(target.parent)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _flush(staging: Path, target: Path) -> None:
+    """Everything staged is on disk before the rename that publishes it."""
+    fsync_tree(staging)
+    faults.point("io.write", target)
 
 
 def replace_dir(src: Path, dst: Path) -> None:
