@@ -11,16 +11,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from cpt.config.data import DomainConfig
 from cpt.data.sources import iter_documents
-from cpt.data.tokenizer import (
-    EOS,
-    PAD,
-    TokenizerConfig,
-    TrainTokenizerConfig,
-    check_tokenizer_matches,
-    load_tokenizer,
-    tokenizer_fingerprint,
-    train_tokenizer,
-)
+from cpt.config.tokenizer import TokenizerConfig, TrainTokenizerConfig
+from cpt.data.tokenizer import EOS, PAD, check_tokenizer_matches, load_tokenizer, tokenizer_fingerprint, train_tokenizer
 from cpt.errors import CptError
 
 PROSE = DomainConfig(source="builtin:python-docs")

@@ -27,7 +27,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     """Load a fast tokenizer that can mark document ends, which packing relies on."""
     from transformers import AutoTokenizer
 
-    local = local_dir(path, "tokenizer")
+    try:
+        local = local_dir(path, "tokenizer")
+    except CptError as exc:
+        raise CptError(f"cannot load tokenizer from {exc.message}", "tokenizer") from None
     try:
         source = str(local or path)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

@@ -31,7 +31,10 @@ def build_model(model: str | dict[str, Any], *, trust_remote_code: bool = False,
         except (ValueError, TypeError, KeyError) as e:
             raise CptError(f"cannot build a causal LM from this config: {first_line(e)}", where="model.config") from e
     else:
-        local = local_dir(model, "model")
+        try:
+            local = local_dir(model, "model")
+        except CptError as exc:
+            raise CptError(f"cannot load {exc.message}", "model") from None
         try:
             built = AutoModelForCausalLM.from_pretrained(
                 str(local or model), trust_remote_code=trust_remote_code, dtype=dtype
