@@ -161,11 +161,12 @@ def fsync_dir(path: Path) -> None:
 def fsync_tree(root: Path, *, only: Callable[[Path], bool] = lambda _: True) -> None:
     """Flush the files under ``root`` (those ``only`` accepts) and their directories to disk."""
     for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = Path(dirpath) / name
-            if only(path):
-                fsync_file(path)
-        fsync_dir(Path(dirpath))
+        for path in [Path(dirpath) / name for name in files] + [Path(dirpath)]:
+            try:
+                if path.is_dir() or only(path):
+                    fsync_file(path)
+            except FileNotFoundError:  # another rank's temporary file, renamed while we walked
+                continue
 
 
 def claim_dir(
