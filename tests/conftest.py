@@ -1,6 +1,11 @@
-"""Test-wide settings: offline hubs, CPU DeepSpeed, and a private data cache per session."""
+"""Test-wide settings (offline hubs, CPU DeepSpeed, a private data cache per session) and the session's shared runs."""
 
+import hashlib
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -56,3 +61,41 @@ def tiny_recipe(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_RECIPE.format(out=tmp_path / "run"))
     return path
+
+
+def tiny_run_recipe(out) -> str:
+    """The recipe of the shared run: TINY_RECIPE whose cpt stage also runs its harness tasks every 6 steps."""
+    head, tail = TINY_RECIPE.format(out=out).rsplit("harness: {limit: 12}", 1)
+    return head + "harness: {limit: 12, every: 6}" + tail
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, _private_cache):
+    """One uninterrupted `cpt run` of :func:`tiny_run_recipe`, trained once for the whole session.
+
+    Yields ``(recipe_path, run_dir)``. Read-only by contract, and checked at the end of the session:
+    several modules compare against it or read its artifacts. A test that writes into a run
+    (``--resume``, ``cpt anneal``, a refused run that takes the directory's lock) works on
+    ``copy_run(run_dir, tmp_path / ...)`` instead.
+    """
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    recipe = tmp / "tiny.yaml"
+    recipe.write_text(tiny_run_recipe(tmp / "run"))
+    proc = subprocess.run([sys.executable, "-m", "cpt.cli", "run", str(recipe)], capture_output=True, text=True,
+                          timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr
+    before = _tree_digest(tmp)
+    yield recipe, tmp / "run"
+    assert _tree_digest(tmp) == before, "a test wrote into the shared tiny_run; copy it with copy_run first"
+
+
+def _tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    """A private copy of a run directory (of the shared ``tiny_run``) that a test may write into."""
+    shutil.copytree(run_dir, dest, symlinks=True)
+    return dest
+

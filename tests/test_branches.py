@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import copy_run
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from cpt.cli import main
 from cpt.train.metrics import read_metrics, train_records
 
 pytestmark = pytest.mark.slow
@@ -27,19 +29,24 @@ def tree_bytes(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def wsd_run(tmp_path_factory):
-    from conftest import TINY_RECIPE
+def wsd_run(tiny_run, tmp_path_factory):
+    """A private copy of the session's tiny run, which the anneal tests write their branches into.
 
-    tmp = tmp_path_factory.mktemp("wsd")
-    recipe = tmp / "tiny.yaml"
-    recipe.write_text(TINY_RECIPE.format(out=tmp / "run"))
-    proc = cpt("run", recipe, "--set", "stages.cpt.schedule={type: wsd, lr: 2.0e-3, warmup: 2, decay: 0}",
-               "--set", "stages.cpt.checkpoint.keep=3")
-    assert proc.returncode == 0, proc.stderr
-    return tmp / "run"
+    Its cpt stage is WSD with its lr stable from step 2 through step 9 (then a short decay): up to the
+    step-8 checkpoint the branches fork from, it trains exactly as a WSD run without any decay.
+    """
+    return copy_run(tiny_run[1], tmp_path_factory.mktemp("wsd") / "run")
 
 
-def test_anneal_branch_continues_a_checkpoint_and_leaves_the_main_branch_alone(wsd_run):
+def cpt_here(capsys, *argv) -> tuple[int, str, str]:
+    """Commands that train nothing run in this process: no interpreter start-up per call."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_anneal_branch_continues_a_checkpoint_and_leaves_the_main_branch_alone(wsd_run, capsys):
     main_stage = wsd_run / "cpt"
     before = tree_bytes(main_stage)
     proc = cpt("anneal", main_stage, "--from", "step-8", "--steps", "4",
@@ -59,8 +66,8 @@ def test_anneal_branch_continues_a_checkpoint_and_leaves_the_main_branch_alone(w
     # it continues the checkpoint: its first loss is the main branch's loss level, not a fresh model's
     assert abs(records[0]["loss"] - main_records[8]["loss"]) < 0.5
     AutoModelForCausalLM.from_pretrained(branch / "final")
-    again = cpt("anneal", main_stage, "--from", "step-8", "--steps", "4")
-    assert again.returncode == 2 and "already exists" in again.stderr
+    code, _, err = cpt_here(capsys, "anneal", main_stage, "--from", "step-8", "--steps", "4")
+    assert code == 2 and "already exists" in err
 
 
 def test_a_branch_of_an_earlier_stage_is_evaluated_on_every_domain_of_the_recipe(wsd_run):
@@ -70,18 +77,18 @@ def test_a_branch_of_an_earlier_stage_is_evaluated_on_every_domain_of_the_recipe
     assert set(summary["domains"]) == {"prose", "code"}  # code comes in a later stage: forgetting needs its base too
 
 
-def test_anneal_of_a_missing_checkpoint_is_a_clear_error(wsd_run):
-    proc = cpt("anneal", wsd_run / "cpt", "--from", "step-5", "--steps", "4")
-    assert proc.returncode == 2 and "not a complete cpt checkpoint" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_anneal_of_a_missing_checkpoint_is_a_clear_error(wsd_run, capsys):
+    code, _, err = cpt_here(capsys, "anneal", wsd_run / "cpt", "--from", "step-5", "--steps", "4")
+    assert code == 2 and "not a complete cpt checkpoint" in err  # an error line, not an exception
+    assert "Traceback" not in err
 
 
-def test_export_of_an_intermediate_checkpoint(wsd_run, tmp_path):
-    proc = cpt("export", wsd_run / "cpt" / "checkpoints" / "step-8", tmp_path / "hf")
-    assert proc.returncode == 0, proc.stderr
+def test_export_of_an_intermediate_checkpoint(wsd_run, tmp_path, capsys):
+    code, _, err = cpt_here(capsys, "export", wsd_run / "cpt" / "checkpoints" / "step-8", tmp_path / "hf")
+    assert code == 0, err
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.model_type == "llama"
-    again = cpt("export", wsd_run / "cpt" / "checkpoints" / "step-8", tmp_path / "hf")
-    assert again.returncode == 2
+    code, _, err = cpt_here(capsys, "export", wsd_run / "cpt" / "checkpoints" / "step-8", tmp_path / "hf")
+    assert code == 2 and "already exists" in err
 
 
 def test_wsd_s_exports_a_release_at_every_period_end(tiny_recipe):

@@ -11,6 +11,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
+from cpt.cli import main
 from cpt.train.metrics import eval_records, read_metrics
 
 DOMAINS = ("prose", "code")
@@ -25,18 +26,15 @@ def evals(run, stage):
     return eval_records(read_metrics(run / stage / "metrics.jsonl"))
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from conftest import TINY_RECIPE
+def cpt_here(capsys, *argv) -> tuple[int, str, str]:
+    """Commands that train nothing run in this process: no interpreter start-up per call."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
 
-    tmp = tmp_path_factory.mktemp("eval")
-    recipe = tmp / "tiny.yaml"
-    text = TINY_RECIPE.format(out=tmp / "run")
-    head, tail = text.rsplit("harness: {limit: 12}", 1)  # the cpt stage also runs its tasks every 6 steps
-    recipe.write_text(head + "harness: {limit: 12, every: 6}" + tail)
-    proc = cpt("run", recipe)
-    assert proc.returncode == 0, proc.stderr
-    return recipe, tmp / "run"
+
+# `tiny_run` (tests/conftest.py): the session's shared run, whose cpt stage also runs its tasks every 6 steps.
 
 
 def test_every_domain_is_measured_against_the_stage_base(tiny_run):
@@ -75,11 +73,11 @@ def test_summary_json_of_each_stage(tiny_run):
     assert pre["targeted"] == ["prose"] and pre["adaptation"] > 0.3
 
 
-def test_cpt_eval_matches_the_run_own_numbers(tiny_run):
+def test_cpt_eval_matches_the_run_own_numbers(tiny_run, capsys):
     recipe, run = tiny_run
-    proc = cpt("eval", run / "pretrain" / "final", "--recipe", recipe, "--stage", "cpt", "--json")
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+    code, out, err = cpt_here(capsys, "eval", run / "pretrain" / "final", "--recipe", recipe, "--stage", "cpt", "--json")
+    assert code == 0, err
+    result = json.loads(out)
     base = evals(run, "cpt")[0]
     assert set(result) >= {"domains", "harness"}
     for name in DOMAINS:
@@ -88,18 +86,18 @@ def test_cpt_eval_matches_the_run_own_numbers(tiny_run):
     for task, metrics in result["harness"].items():
         for metric, value in metrics.items():
             assert value == pytest.approx(base[f"harness/{task}/{metric}"])
-    table = cpt("eval", run / "cpt" / "final", "--recipe", recipe, "--tasks")
-    assert table.returncode == 0 and "prose" in table.stdout and "harness" not in table.stdout
-    missing = cpt("eval", run / "nowhere", "--recipe", recipe)
-    assert missing.returncode == 2 and missing.stderr.startswith("error:") and len(missing.stderr.splitlines()) == 1
+    code, table, _ = cpt_here(capsys, "eval", run / "cpt" / "final", "--recipe", recipe, "--tasks")
+    assert code == 0 and "prose" in table and "harness" not in table
+    code, _, err = cpt_here(capsys, "eval", run / "nowhere", "--recipe", recipe)
+    assert code == 2 and err.startswith("error:") and len(err.splitlines()) == 1
 
 
-def test_report_and_compare_of_a_real_run(tiny_run, tmp_path):
+def test_report_and_compare_of_a_real_run(tiny_run, tmp_path, capsys):
     _, run = tiny_run
-    assert cpt("report", run, "--out", tmp_path / "report").returncode == 0
+    assert cpt_here(capsys, "report", run, "--out", tmp_path / "report")[0] == 0
     for name in ("loss.png", "delta.png", "lr_mixture.png", "harness.png", "index.html", "summary.md"):
         assert (tmp_path / "report" / name).stat().st_size > 0
-    assert cpt("compare", run, run, "--out", tmp_path / "compare").returncode == 0
+    assert cpt_here(capsys, "compare", run, run, "--out", tmp_path / "compare")[0] == 0
     assert (tmp_path / "compare" / "index.html").stat().st_size > 0
 
 
@@ -108,7 +106,7 @@ def _kill_group(proc):
     proc.wait()
 
 
-def test_ema_is_evaluated_exported_and_resumed_exactly(tiny_recipe, tmp_path):
+def test_ema_is_evaluated_exported_and_resumed_exactly(tiny_recipe, tmp_path, capsys):
     settings = ["--set", "stages.pretrain.steps=4", "--set", "stages.cpt.ema={decay: 0.8, export: true}",
                 "--set", "stages.cpt.checkpoint={every: 2, keep: 2}"]
     ref = tmp_path / "ref"
@@ -121,7 +119,9 @@ def test_ema_is_evaluated_exported_and_resumed_exactly(tiny_recipe, tmp_path):
         assert records[-1][f"ema/eval/{name}/loss"] != records[-1][f"eval/{name}/loss"]
     assert "ema" in json.loads((ref / "cpt" / "summary.json").read_text())
     # final/ holds the average: evaluating it gives the EMA numbers
-    result = json.loads(cpt("eval", ref / "cpt" / "final", "--recipe", tiny_recipe, "--tasks", "--json").stdout)
+    code, out, err = cpt_here(capsys, "eval", ref / "cpt" / "final", "--recipe", tiny_recipe, "--tasks", "--json")
+    assert code == 0, err
+    result = json.loads(out)
     for name in DOMAINS:
         assert result["domains"][name]["loss"] == pytest.approx(records[-1][f"ema/eval/{name}/loss"], abs=1e-5)
 
@@ -144,7 +144,7 @@ def test_ema_is_evaluated_exported_and_resumed_exactly(tiny_recipe, tmp_path):
         assert {k: v for k, v in mine.items() if "/loss" in k} == {k: v for k, v in theirs.items() if "/loss" in k}
 
 
-def test_zero3_evaluation_is_sharded_and_reduced(tiny_run, tiny_recipe, tmp_path):
+def test_zero3_evaluation_is_sharded_and_reduced(tiny_run, tiny_recipe, tmp_path, capsys):
     """Two ZeRO-3 processes measure the same starting model as one process does."""
     _, single = tiny_run
     out = tmp_path / "z3"
@@ -158,7 +158,9 @@ def test_zero3_evaluation_is_sharded_and_reduced(tiny_run, tiny_recipe, tmp_path
             assert mine[key] == pytest.approx(value, abs=1e-5), key
     # the sharded average is what the evaluation saw and what final/ holds, small (whole) weights included
     last = evals(out, "cpt")[-1]
-    result = json.loads(cpt("eval", out / "cpt" / "final", "--recipe", tiny_recipe, "--tasks", "--json").stdout)
+    code, printed, err = cpt_here(capsys, "eval", out / "cpt" / "final", "--recipe", tiny_recipe, "--tasks", "--json")
+    assert code == 0, err
+    result = json.loads(printed)
     for name in DOMAINS:
         assert last[f"ema/eval/{name}/loss"] != last[f"eval/{name}/loss"]
         assert result["domains"][name]["loss"] == pytest.approx(last[f"ema/eval/{name}/loss"], abs=1e-5)

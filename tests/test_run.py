@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_run
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -35,21 +36,8 @@ def losses(run_dir: Path, stage: str) -> list[float]:
     return [r["loss"] for r in train_records(read_metrics(run_dir / stage / "metrics.jsonl"))]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One uninterrupted run of the tiny recipe that the other tests compare against."""
-    from conftest import TINY_RECIPE
-
-    tmp = tmp_path_factory.mktemp("reference")
-    recipe = tmp / "tiny.yaml"
-    recipe.write_text(TINY_RECIPE.format(out=tmp / "run"))
-    proc = cpt("run", recipe)
-    assert proc.returncode == 0, proc.stderr
-    return recipe, tmp / "run"
-
-
-def test_run_layout_metrics_and_chaining(reference):
-    recipe, run = reference
+def test_run_layout_metrics_and_chaining(tiny_run, capsys):
+    recipe, run = tiny_run
     assert (run / "recipe.yaml").is_file()
     for stage in ("pretrain", "cpt"):
         records = train_records(read_metrics(run / stage / "metrics.jsonl"))
@@ -77,25 +65,29 @@ def test_run_layout_metrics_and_chaining(reference):
     # the cpt stage starts from the pre-trained weights, not from scratch
     assert cpt_records[0]["loss"] < pre[0]["loss"] - 0.3
     # lr per step is the schedule's
-    plan = json.loads(cpt("plan", recipe, "--json").stdout)
+    capsys.readouterr()
+    assert main(["plan", str(recipe), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
     assert [r["lr"] for r in cpt_records] == pytest.approx(plan["stages"][1]["lr"], rel=1e-12)
 
 
-def test_existing_run_directory_is_not_clobbered(reference, capsys):
-    recipe, run = reference
+def test_existing_run_directory_is_not_clobbered(tiny_run, tmp_path, capsys):
+    recipe, shared = tiny_run
+    run = copy_run(shared, tmp_path / "run")  # the shared run stays read-only
     before = (run / "cpt" / "metrics.jsonl").read_bytes()
-    assert main(["run", str(recipe)]) == 2
+    assert main(["run", str(recipe), "--output-dir", str(run)]) == 2
     err = capsys.readouterr().err
     assert "already exists; pass --resume" in err and len(err.strip().splitlines()) == 1
     assert (run / "cpt" / "metrics.jsonl").read_bytes() == before
     # resuming a finished run is a no-op that succeeds
-    assert main(["run", str(recipe), "--resume"]) == 0
+    assert main(["run", str(recipe), "--output-dir", str(run), "--resume"]) == 0
     assert (run / "cpt" / "metrics.jsonl").read_bytes() == before
 
 
-def test_resume_with_a_different_recipe_is_refused(reference, capsys):
-    recipe, _ = reference
-    assert main(["run", str(recipe), "--resume", "--set", "stages.cpt.steps=13"]) == 2
+def test_resume_with_a_different_recipe_is_refused(tiny_run, tmp_path, capsys):
+    recipe, shared = tiny_run
+    run = copy_run(shared, tmp_path / "run")
+    assert main(["run", str(recipe), "--output-dir", str(run), "--resume", "--set", "stages.cpt.steps=13"]) == 2
     assert "differs from the one this run was started with" in capsys.readouterr().err
 
 
@@ -114,8 +106,8 @@ def _start_until(recipe: Path, out: Path, stage: str, lines: int) -> subprocess.
     return proc
 
 
-def test_kill_9_then_resume_is_bitwise_identical(reference, tmp_path):
-    recipe, ref = reference
+def test_kill_9_then_resume_is_bitwise_identical(tiny_run, tmp_path):
+    recipe, ref = tiny_run
     out = tmp_path / "killed"
     # kill in the middle of the second stage, after at least one checkpoint of it
     proc = _start_until(recipe, out, "cpt", 6)
@@ -130,8 +122,8 @@ def test_kill_9_then_resume_is_bitwise_identical(reference, tmp_path):
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(reference, tmp_path):
-    recipe, ref = reference
+def test_sigterm_checkpoints_and_exits_cleanly(tiny_run, tmp_path):
+    recipe, ref = tiny_run
     out = tmp_path / "stopped"
     proc = _start_until(recipe, out, "pretrain", 2)
     metrics = out / "pretrain" / "metrics.jsonl"

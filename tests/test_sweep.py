@@ -7,16 +7,26 @@ import sys
 
 import pytest
 
+from cpt.cli import main
 from cpt.train.metrics import read_metrics, train_records
 
 
 def cpt(*argv):
+    """Training commands run in their own process, as a user runs them."""
     return subprocess.run([sys.executable, "-m", "cpt.cli", *map(str, argv)], capture_output=True, text=True,
                           timeout=900)
 
 
+def cpt_here(capsys, *argv) -> tuple[int, str, str]:
+    """Commands that train nothing run in this process: no interpreter start-up per call."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.slow
-def test_sweep_table_shared_base_resume_and_fit(tiny_recipe, tmp_path):
+def test_sweep_table_shared_base_resume_and_fit(tiny_recipe, tmp_path, capsys):
     out = tmp_path / "sweep"
     args = ["sweep", tiny_recipe, "--stage", "cpt", "--ratios", "0,0.5,1", "--tokens", "512,1024",
             "--output-dir", out, "--set", "stages.pretrain.steps=4"]
@@ -49,16 +59,16 @@ def test_sweep_table_shared_base_resume_and_fit(tiny_recipe, tmp_path):
     again = cpt(*args)
     assert again.returncode == 0 and (out / "ratio-1" / "cpt" / "metrics.jsonl").read_bytes() == before
     # the sweep directory is a table for cpt fit; the baseline comes from the table
-    fit = cpt("fit", out, "--law", "cmr", "--json", "--bootstrap", "0")
-    assert fit.returncode == 0, fit.stderr
-    result = json.loads(fit.stdout)
+    code, printed, err = cpt_here(capsys, "fit", out, "--law", "cmr", "--json", "--bootstrap", "0")
+    assert code == 0, err
+    result = json.loads(printed)
     assert result["cmr"]["baseline_general_loss"] == pytest.approx(float(rows[0]["base_general_loss"]))
 
 
-def test_sweep_of_a_first_stage_is_refused(tiny_recipe):
-    proc = cpt("sweep", tiny_recipe, "--stage", "pretrain", "--ratios", "0.5")
-    assert proc.returncode == 2 and "needs an earlier stage" in proc.stderr and len(proc.stderr.splitlines()) == 1
-    proc = cpt("sweep", tiny_recipe, "--stage", "nope", "--ratios", "0.5")
-    assert proc.returncode == 2 and "no stage named 'nope'" in proc.stderr
-    proc = cpt("sweep", tiny_recipe, "--stage", "cpt", "--ratios", "0.5,2")
-    assert proc.returncode == 2 and "[0, 1]" in proc.stderr
+def test_sweep_of_a_first_stage_is_refused(tiny_recipe, capsys):
+    code, _, err = cpt_here(capsys, "sweep", tiny_recipe, "--stage", "pretrain", "--ratios", "0.5")
+    assert code == 2 and "needs an earlier stage" in err and len(err.splitlines()) == 1
+    code, _, err = cpt_here(capsys, "sweep", tiny_recipe, "--stage", "nope", "--ratios", "0.5")
+    assert code == 2 and "no stage named 'nope'" in err
+    code, _, err = cpt_here(capsys, "sweep", tiny_recipe, "--stage", "cpt", "--ratios", "0.5,2")
+    assert code == 2 and "[0, 1]" in err
