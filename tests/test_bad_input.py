@@ -10,7 +10,9 @@ trains anything, nor even plans the recipe: the input must be refused before tha
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 import shlex
 import subprocess
 import sys
@@ -140,6 +142,10 @@ def refuse_planning(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("planned the recipe before refusing the bad input")
 
+    # a module first imported while the patch is on would keep `refuse` for the rest of the
+    # session (monkeypatch restores only what it set): import every module that binds them first
+    for info in pkgutil.walk_packages(cpt.__path__, "cpt."):
+        importlib.import_module(info.name)
     names = ("plan_recipe", "stage_tokenizer", "trained_tokenizer")
     originals = {getattr(cpt.plan, name) for name in names}
     for module in [m for key, m in sys.modules.items() if key == "cpt" or key.startswith("cpt.")]:

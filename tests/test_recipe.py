@@ -80,7 +80,7 @@ def test_override_of_a_missing_stage_is_reported():
         ("stages.cpt.data.code.heldout=100000", "stages.cpt.data.code.heldout", ""),
         ("stages.pretrain.mixture.replay=0.1", "stages.pretrain.mixture.replay", "earlier stage"),
         ("stages.cpt.tokens=100", "stages.cpt", "exactly one of steps or tokens"),
-        ("stages.cpt.tokenizer=/no/such/tokenizer", "stages.cpt.tokenizer", "does not exist"),
+        ("stages.cpt.tokenizer=/no/such/tokenizer", "stages.cpt.tokenizer", "no such directory"),
     ],
 )
 def test_bad_fields_name_file_and_path(override, path, text):

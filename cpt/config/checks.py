@@ -3,6 +3,8 @@ schedules against stage lengths, harness tasks, files that must exist."""
 
 from __future__ import annotations
 
+import os
+
 from cpt.config.evaluation import task_problem
 from cpt.config.recipe import Recipe, Stage
 from cpt.config.schedule import validate_schedule
@@ -73,7 +75,11 @@ def _file_problems(stage: Stage, where: str) -> list[CptError]:
         if path is None:
             continue
         try:
-            local_dir(path, f"{where}.{field}")
+            local = local_dir(path, f"{where}.{field}")
         except CptError as exc:
             errors.append(exc)
+            continue
+        if local is None and os.environ.get("HF_HUB_OFFLINE") == "1":
+            errors.append(CptError(f"{path} is not a local directory and the hub is not reachable (HF_HUB_OFFLINE=1)",
+                                   f"{where}.{field}"))
     return errors
