@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -211,5 +212,15 @@ COMMANDS = {
 }
 
 
+def console() -> int:
+    """The ``cpt`` executable (and ``python -m cpt.cli``, which every launched rank runs): :func:`main`,
+    then the objects alive at exit are moved out of the garbage collector's reach. Its final sweeps
+    over everything torch and transformers allocated cost about 2 s of CPU at every process exit;
+    memory is freed by reference counts all the same."""
+    code = main()
+    gc.freeze()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

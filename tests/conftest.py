@@ -12,14 +12,27 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+# the tiny models gain nothing from intra-op threads, and two workers x two ranks would oversubscribe 2 cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
+
+
+def _session_dir(tmp_path_factory) -> Path:
+    """This session's temporary root, shared by its pytest-xdist workers (their basetemps are siblings in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
-    """Keep tokenizer and block caches of tests away from the user's ~/.cache/cpt."""
-    os.environ["CPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cpt-cache"))
+    """Keep tokenizer and block caches of tests away from the user's ~/.cache/cpt. The workers of a
+    session share one, as the processes of a run share a cache on a shared disk (entries are
+    staged and renamed into place, so workers that build the same entry at once cannot clash)."""
+    cache = _session_dir(tmp_path_factory) / "cpt-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["CPT_CACHE_DIR"] = str(cache)
     yield
 
 
@@ -73,19 +86,26 @@ def tiny_run_recipe(out) -> str:
 def tiny_run(tmp_path_factory, _private_cache):
     """One uninterrupted `cpt run` of :func:`tiny_run_recipe`, trained once for the whole session.
 
-    Yields ``(recipe_path, run_dir)``. Read-only by contract, and checked at the end of the session:
-    several modules compare against it or read its artifacts. A test that writes into a run
-    (``--resume``, ``cpt anneal``, a refused run that takes the directory's lock) works on
-    ``copy_run(run_dir, tmp_path / ...)`` instead.
+    Yields ``(recipe_path, run_dir)``. Trained once for all pytest-xdist workers too: the first
+    worker to need it trains it under a file lock, the others wait and reuse it. Read-only by
+    contract, and checked at the end of each worker's session: several modules compare against
+    it or read its artifacts. A test that writes into a run (``--resume``, ``cpt anneal``, a
+    refused run that takes the directory's lock) works on ``copy_run(run_dir, tmp_path / ...)``.
     """
-    tmp = tmp_path_factory.mktemp("tiny-run")
-    recipe = tmp / "tiny.yaml"
-    recipe.write_text(tiny_run_recipe(tmp / "run"))
-    proc = subprocess.run([sys.executable, "-m", "cpt.cli", "run", str(recipe)], capture_output=True, text=True,
-                          timeout=900, check=False)
-    assert proc.returncode == 0, proc.stderr
+    shared = _session_dir(tmp_path_factory)
+    tmp = shared / "tiny-run"
+    with FileLock(shared / "tiny-run.lock"):
+        if not (tmp / "trained").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            recipe = tmp / "tiny.yaml"
+            recipe.write_text(tiny_run_recipe(tmp / "run"))
+            proc = subprocess.run([sys.executable, "-m", "cpt.cli", "run", str(recipe)], capture_output=True,
+                                  text=True, timeout=900, check=False)
+            assert proc.returncode == 0, proc.stderr
+            (tmp / "trained").touch()
     before = _tree_digest(tmp)
-    yield recipe, tmp / "run"
+    yield tmp / "tiny.yaml", tmp / "run"
     assert _tree_digest(tmp) == before, "a test wrote into the shared tiny_run; copy it with copy_run first"
 
 
