@@ -160,3 +160,19 @@ def test_evaluation_targets_name_known_domains(tiny_recipe, capsys):
     assert main(["validate", str(tiny_recipe), "--set", "stages.pretrain.evaluation.targets=[code]"]) == 2
     err = capsys.readouterr().err
     assert "stages.pretrain.evaluation.targets: unknown domain 'code'" in err
+
+
+def test_offline_a_hub_id_is_refused_unless_the_hub_cache_holds_it(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 (set for the whole suite): transformers can still load what was downloaded before."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    override = "stages.cpt.tokenizer=acme/tiny-tokenizer"
+    errors = problems(QUICKSTART, [override])
+    assert any("acme/tiny-tokenizer is not a local directory, not in the Hugging Face cache" in e for e in errors), errors
+    repo = tmp_path / "models--acme--tiny-tokenizer"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "tokenizer.json").write_text("{}")
+    assert load_recipe(QUICKSTART, [override]).stage("cpt").tokenizer.path == "acme/tiny-tokenizer"

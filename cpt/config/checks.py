@@ -79,7 +79,18 @@ def _file_problems(stage: Stage, where: str) -> list[CptError]:
         except CptError as exc:
             errors.append(exc)
             continue
-        if local is None and os.environ.get("HF_HUB_OFFLINE") == "1":
-            errors.append(CptError(f"{path} is not a local directory and the hub is not reachable (HF_HUB_OFFLINE=1)",
-                                   f"{where}.{field}"))
+        if local is None and os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(path):
+            errors.append(CptError(f"{path} is not a local directory, not in the Hugging Face cache, and the hub "
+                                   "is not reachable (HF_HUB_OFFLINE=1)", f"{where}.{field}"))
     return errors
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether a hub id was downloaded before: offline, transformers loads it from the cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(repo_id, name), str)
+                   for name in ("config.json", "tokenizer_config.json", "tokenizer.json"))
+    except ValueError:  # not a valid repo id
+        return False
