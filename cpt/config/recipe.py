@@ -21,7 +21,7 @@ from cpt.config.mixture import MixtureConfig
 from cpt.config.schedule import ScheduleConfig
 from cpt.config.schema import Strict
 from cpt.config.tokenizer import TokenizerConfig
-from cpt.config.training import DistributedConfig, EmaConfig, OptimizerConfig
+from cpt.config.training import DistributedConfig, EmaConfig, MemoryConfig, OptimizerConfig
 from cpt.errors import CptError
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -139,6 +139,9 @@ class Stage(Strict):
     batch: BatchConfig = Field(description="Sequences per optimizer step and per forward pass.")
     optimizer: OptimizerConfig = Field(
         default_factory=OptimizerConfig, description="AdamW settings and the policy for non-finite steps."
+    )
+    memory: MemoryConfig = Field(
+        default_factory=MemoryConfig, description="Memory savers of the stage: activation checkpointing."
     )
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="When resumable checkpoints are saved and how many are kept."

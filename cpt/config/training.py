@@ -1,4 +1,4 @@
-"""The training side of a stage's schema: processes and precision, the optimizer, the weight EMA."""
+"""The training side of a stage's schema: processes and precision, the optimizer, memory savers, the weight EMA."""
 
 from __future__ import annotations
 
@@ -42,6 +42,15 @@ class DistributedConfig(Strict):
         "or DeepSpeed's default 29500 with a hostfile.",
     )
 
+    peak_flops: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Peak dense FLOP/s of one process's accelerator at the run's precision, for the `mfu` of "
+        "training records; null: known for common GPUs (A100, H100, H200, B200, L40S, L4, MI300X, ...), "
+        "no `mfu` otherwise (and on CPUs).",
+    )
+
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> DistributedConfig:
         if self.offload_optimizer and self.zero_stage == 0:
@@ -83,6 +92,17 @@ class OptimizerConfig(Strict):
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError("betas must both lie in [0, 1)")
         return self
+
+
+class MemoryConfig(Strict):
+    """Trading compute for memory within a stage (``stages[].memory``)."""
+
+    activation_checkpointing: bool = Field(
+        default=False,
+        description="Keep only each transformer block's input during the forward pass and recompute the rest "
+        "in the backward pass (non-reentrant gradient checkpointing): activation memory drops from every "
+        "layer's to about one block's, for roughly a third more compute. Same loss and gradients.",
+    )
 
 
 class EmaConfig(Strict):

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from cpt.data.sampler import MixtureSampler
 from cpt.errors import CptError
 from cpt.plan import StagePlan
 from cpt.train import checkpoint
 from cpt.train.ema import Ema
 from cpt.train.engine import StepEngine
 from cpt.train.export import export_hf
+from cpt.train.prefetch import Prefetcher
 from cpt.train.schedules import decay_ends
 
 
@@ -81,7 +81,7 @@ class Checkpointer:
     end and on a stop request; exports each release first."""
 
     def __init__(
-        self, engine: StepEngine, plan: StagePlan, stage_dir: Path, sampler: MixtureSampler, restored: Restored,
+        self, engine: StepEngine, plan: StagePlan, stage_dir: Path, sampler: Prefetcher, restored: Restored,
         ema: Ema | None, exported: Callable[[], AbstractContextManager],
     ):
         self.engine, self.plan, self.sampler, self.ema, self.exported = engine, plan, sampler, ema, exported

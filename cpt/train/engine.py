@@ -13,8 +13,10 @@ shows: a skipped step spends its lr without an update.
 
 from __future__ import annotations
 
+import gc
 import os
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -103,9 +105,22 @@ def init_distributed() -> None:
     deepspeed.init_distributed()
 
 
-def ds_config(distributed: DistributedConfig, opt: OptimizerConfig, micro_batch_size: int, grad_accum: int) -> dict[str, Any]:
-    """The DeepSpeed config for a run; the global batch follows from the world size."""
+def ds_config(
+    distributed: DistributedConfig, opt: OptimizerConfig, micro_batch_size: int, grad_accum: int,
+    hidden_size: int | None = None,
+) -> dict[str, Any]:
+    """The DeepSpeed config for a run; the global batch follows from the world size.
+
+    With the model's ``hidden_size`` the ZeRO buckets are sized for it as transformers' DeepSpeed
+    integration sizes them: DeepSpeed's defaults (5e8 elements) are buffers of 2 GB in fp32,
+    more than a small model's weights.
+    """
     zero: dict[str, Any] = {"stage": distributed.zero_stage}
+    if hidden_size and distributed.zero_stage > 0:
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
+        if distributed.zero_stage == 3:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     if distributed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
@@ -120,6 +135,25 @@ def ds_config(distributed: DistributedConfig, opt: OptimizerConfig, micro_batch_
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+
+
+@contextmanager
+def partitioned_building(config: dict[str, Any]) -> Iterator[bool]:
+    """Under ZeRO-3, make transformers build models as partitions (``zero.Init``) and gather them
+    where it must (resizing embeddings) while open; yields whether it does. Close it before
+    training: transformers would also partition models that must be whole, such as the export's.
+    """
+    if config["zero_optimization"]["stage"] != 3:
+        yield False
+        return
+    import_deepspeed()
+    from transformers.integrations import HfDeepSpeedConfig
+
+    alive = HfDeepSpeedConfig(config)  # transformers holds it by a weak reference only
+    try:
+        yield True
+    finally:
+        del alive
 
 
 class _Skippable:
@@ -195,6 +229,13 @@ class StepEngine:
     def device(self) -> torch.device:
         return self.engine.device
 
+    def close(self) -> None:
+        """Let go of the DeepSpeed engine (its hooks, optimizer state and buffers): every rank calls it
+        when the stage is over, and :func:`free_memory` then returns the memory."""
+        self.engine.destroy()
+        self.engine.optimizer = None
+        self._optimizer = None
+
     def state_dict(self) -> dict[str, int]:
         return {"updates": self.updates, "nonfinite": self.nonfinite}
 
@@ -237,7 +278,8 @@ class StepEngine:
             else:  # one cross-entropy gives both the loss and each sequence's share of it
                 per_token = _next_token_losses(forward(input_ids=ids).logits, ids)
                 loss = per_token.mean()
-                _add_group_losses(totals[1 : 1 + 2 * n_groups], per_token.detach(), groups[i].to(self.device), n_groups)
+                _add_group_losses(totals[1 : 1 + 2 * n_groups], per_token.detach(), groups[i].to(self.device, non_blocking=True),
+                                  n_groups)
             engine.backward(loss)
             totals[0] += loss.detach().double()
             if i < len(micro_batches) - 1:
@@ -294,6 +336,14 @@ def _grad_norm(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
 
 
+def free_memory() -> None:
+    """Collect what closed engines left (DeepSpeed's objects hold reference cycles) and return the
+    accelerator's cached blocks, so that the next stage starts from the memory the first one did."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def local_shard(p: torch.nn.Parameter) -> torch.Tensor:
     """The part of a weight this rank holds: its ZeRO-3 partition, or the whole weight (ZeRO 0-2)."""
     return p.ds_tensor.data if hasattr(p, "ds_tensor") else p.data
@@ -306,11 +356,13 @@ def build_engine(
     lr_fn: Callable[[int], float],
     micro_batch_size: int,
     grad_accum: int,
+    config: dict[str, Any] | None = None,
 ) -> StepEngine:
     """Wrap ``model`` in a DeepSpeed engine (AdamW, the run's ZeRO stage and precision).
 
     Works alone (a process group of one is made) or under any launcher; every rank must pass a
-    model with the same weights (seed identically before building it).
+    model with the same weights (seed identically before building it). ``config`` is
+    :func:`ds_config`'s (default: without model-sized buckets).
     """
     deepspeed = import_deepspeed()
     init_distributed()
@@ -321,7 +373,8 @@ def build_engine(
     # allocate Adam's state; that phantom step would shift Adam's bias correction by one forever.
     optimizer.skip = True
     try:
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(distributed, opt, micro_batch_size, grad_accum))
+        config = config or ds_config(distributed, opt, micro_batch_size, grad_accum)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     finally:
         optimizer.skip = False
     return StepEngine(engine, optimizer, lr_fn, opt.max_nonfinite)

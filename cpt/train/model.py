@@ -2,46 +2,124 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cpt.errors import CptError, first_line
 from cpt.paths import local_dir
+from cpt.train.partitioned import load_partitions, match_names, read_index, safetensors_files
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
-def build_model(model: str | dict[str, Any], *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load ``model`` (a local directory or hub id) or build it fresh from ``{"config": {...}}``.
-
-    A fresh model is initialised from torch's global generator: seed it identically on every
-    rank. The model is returned in training mode.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(model: str | dict[str, Any], *, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The architecture of ``model`` (a local directory, hub id or ``{"config": {...}}``), without its weights."""
+    from transformers import AutoConfig
 
     if isinstance(model, dict):
         cfg = dict(model.get("config") or {})
         if set(model) != {"config"} or "model_type" not in cfg:
             raise CptError('a model built from scratch is {"config": {"model_type": ..., ...}}', where="model")
         try:
-            config = AutoConfig.for_model(**cfg)
-            built = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+            return AutoConfig.for_model(**cfg)
         except (ValueError, TypeError, KeyError) as e:
             raise CptError(f"cannot build a causal LM from this config: {first_line(e)}", where="model.config") from e
-    else:
+    try:
+        return AutoConfig.from_pretrained(str(_local(model) or model), trust_remote_code=trust_remote_code)
+    except CptError:
+        raise
+    except Exception as e:  # transformers reports a missing or broken checkpoint with many exception types
+        raise CptError(f"cannot load {model}: {first_line(e)}", where="model") from e
+
+
+def _local(model: str) -> Path | None:
+    try:
+        return local_dir(model, "model")
+    except CptError as exc:
+        raise CptError(f"cannot load {exc.message}", "model") from None
+
+
+def build_model(
+    model: str | dict[str, Any], *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+    partitioned: bool = False,
+) -> PreTrainedModel:
+    """Load ``model`` (a local directory or hub id) or build it fresh from ``{"config": {...}}``, in ``dtype``.
+
+    A fresh model is initialised from torch's global generator: seed it identically on every
+    rank. ``partitioned``: build it as ZeRO-3 partitions (DeepSpeed's ``zero.Init``; the caller
+    keeps a ``transformers.integrations.HfDeepSpeedConfig`` of the ZeRO-3 config alive), and
+    read each rank's part of a local safetensors checkpoint only (:mod:`cpt.train.partitioned`).
+    The model is returned in training mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(model, trust_remote_code=trust_remote_code)
+    if isinstance(model, dict):
         try:
-            local = local_dir(model, "model")
-        except CptError as exc:
-            raise CptError(f"cannot load {exc.message}", "model") from None
+            built = _fresh(config, dtype, trust_remote_code, partitioned)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CptError(f"cannot build a causal LM from this config: {first_line(e)}", where="model.config") from e
+        return built.train()
+    local = _local(model)
+    built = _load_partitioned(local, config, dtype, trust_remote_code) if partitioned and local else None
+    if built is None:  # transformers' own loading (under ZeRO-3: rank 0 reads the checkpoint and scatters it)
         try:
-            built = AutoModelForCausalLM.from_pretrained(
-                str(local or model), trust_remote_code=trust_remote_code, dtype=dtype
-            )
+            built = AutoModelForCausalLM.from_pretrained(str(local or model), trust_remote_code=trust_remote_code, dtype=dtype)
         except Exception as e:  # transformers reports a missing or broken checkpoint with many exception types
             raise CptError(f"cannot load {model}: {first_line(e)}", where="model") from e
     return built.train()
+
+
+def _fresh(config, dtype: torch.dtype, trust_remote_code: bool, partitioned: bool) -> PreTrainedModel:
+    """A freshly initialised model, drawn the same way whether partitioned or not: built without
+    initialisation, then initialised module by module (children first), as transformers does for
+    ZeRO-3 (where rank 0 draws each module gathered). Every ZeRO stage starts from the same weights."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import guard_torch_init_functions, no_init_weights
+
+    if partitioned:
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    with no_init_weights():
+        built = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    with torch.no_grad(), guard_torch_init_functions():
+        built.initialize_weights()
+    built.tie_weights()
+    return built
+
+
+def _load_partitioned(model_dir: Path, config, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel | None:
+    """The checkpoint in ``model_dir`` as ZeRO-3 partitions, each rank reading its own; None when its
+    files are not plain safetensors whose names match the architecture's."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    files = safetensors_files(model_dir)
+    if not files:
+        return None
+    entries = read_index(files)
+    with no_init_weights():  # the checkpoint overwrites every weight
+        built = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    names = match_names(built, entries)
+    if names is None:
+        return None
+    load_partitions(built, entries, names)
+    return built
+
+
+def enable_activation_checkpointing(model: PreTrainedModel, where: str) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of keeping them.
+
+    Non-reentrant checkpointing (``torch.utils.checkpoint`` with ``use_reentrant=False``) gives the
+    same loss and gradients as without, works when the block's inputs need no gradient, and
+    composes with ZeRO-3's parameter gathering. The KV cache is off: it only serves generation.
+    """
+    if not model.supports_gradient_checkpointing:
+        raise CptError(f"{type(model).__name__} does not support activation checkpointing", where)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def resize_for_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

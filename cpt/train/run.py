@@ -39,15 +39,17 @@ from cpt.plan import StagePlan, plan_recipe
 from cpt.train.checkpoint import load_rank_tensors
 from cpt.train.checkpointer import Checkpointer, Fork, Restored, restore
 from cpt.train.ema import Ema
-from cpt.train.engine import StepEngine, build_engine, init_distributed
+from cpt.train.engine import StepEngine, build_engine, ds_config, free_memory, init_distributed, partitioned_building
 from cpt.train.export import export_hf
 from cpt.train.job import start_job
 from cpt.train.launch import distributed_context
 from cpt.train.metrics import MetricsLog, jsonable, read_metrics
-from cpt.train.model import build_model, resize_for_tokenizer
+from cpt.train.model import build_model, enable_activation_checkpointing, model_config, resize_for_tokenizer
+from cpt.train.prefetch import Prefetcher
 from cpt.train.progress import Progress
 from cpt.train.schedules import lr_at
 from cpt.train.step_log import StepLog
+from cpt.train.throughput import local_peak_flops
 
 
 @dataclass
@@ -120,6 +122,7 @@ def train(recipe: Recipe, plans: list[StagePlan], opts: RunOptions) -> int:
             final = stage_dir / "final"
             if not (final / "config.json").is_file():
                 finished = train_stage(recipe, plan, index, start_model, stage_dir, opts.resume, stop)
+                free_memory()  # the stage's engine, optimizer and caches, before the next stage builds its own
                 if not finished:
                     if ctx.is_main:
                         print(
@@ -175,27 +178,28 @@ def train_stage(
     if evaluator is not None and start > 0:
         evaluator.restore_base(metrics.path)
     exported = ema.applied if ema is not None and stage.ema.export else nullcontext
-    checkpointer = Checkpointer(engine, plan, stage_dir, sampler, restored, ema, exported)
+    batches = Prefetcher(sampler, lambda rows: _gather(plan, rows), steps, pin=engine.device.type == "cuda")
+    checkpointer = Checkpointer(engine, plan, stage_dir, batches, restored, ema, exported)
     progress = Progress(stage_dir.name, steps, start, enabled=ctx.is_main, every=max(1, steps // 20))
-    log = StepLog(plan, metrics, progress)
+    peak = recipe.distributed.peak_flops or local_peak_flops(engine.device, engine.precision)
+    log = StepLog(plan, metrics, progress, engine, peak)
     dist.barrier()
     train_seconds = 0.0
     try:
         if evaluator is not None and start == 0:
             metrics.write(evaluator.evaluate(engine.module, engine.device, 0, ema))
+        micro = stage.batch.micro_batch_size
         for step in range(start, steps):
             started = time.perf_counter()
-            rows = sampler.next_step()
-            micro = stage.batch.micro_batch_size
-            result = engine.train_step(
-                list(_gather(plan, rows).split(micro)), step, groups=list(torch.from_numpy(rows[:, 0]).split(micro)),
-                n_groups=len(plan.domains), stop=stop.requested,
-            )
+            batch = batches.next()
+            result = engine.train_step(list(batch.ids.split(micro)), step, groups=list(batch.domains.split(micro)),
+                                       n_groups=len(plan.domains), stop=stop.requested)
             if ema is not None and not result.skipped:
                 ema.update()
-            train_seconds += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            train_seconds += seconds
             done = step + 1
-            log.after_step(step, result, engine, sampler)
+            log.after_step(step, result, engine, batches, seconds)
             if evaluator is not None and evaluator.due(done):
                 metrics.write(evaluator.evaluate(engine.module, engine.device, done, ema))
             stopping = result.stop and done < steps
@@ -209,8 +213,10 @@ def train_stage(
             export_hf(engine, plan.tokenizer, stage_dir / "final")
         return True
     finally:
+        batches.close()
         progress.close()
         metrics.close()
+        engine.close()
 
 
 def _stage_engine(recipe: Recipe, plan: StagePlan, index: int, start_model) -> StepEngine:
@@ -226,13 +232,18 @@ def _stage_engine(recipe: Recipe, plan: StagePlan, index: int, start_model) -> S
         )
     if isinstance(start_model, dict):  # a model from scratch is sized for its tokenizer unless told otherwise
         start_model = {"config": {"vocab_size": len(plan.tokenizer), **start_model["config"]}}
+    micro, grad_accum = stage.batch.micro_batch_size, per_rank // stage.batch.micro_batch_size
+    hidden = getattr(model_config(start_model, trust_remote_code=stage.trust_remote_code), "hidden_size", None)
+    config = ds_config(recipe.distributed, stage.optimizer, micro, grad_accum, hidden_size=hidden)
     torch.manual_seed(recipe.seed + index)  # identical fresh weights on every rank
-    model = build_model(start_model, trust_remote_code=stage.trust_remote_code)
-    resize_for_tokenizer(model, plan.tokenizer)
-    return build_engine(
-        model, recipe.distributed, stage.optimizer, lambda t: lr_at(stage.schedule, t, plan.steps),
-        stage.batch.micro_batch_size, per_rank // stage.batch.micro_batch_size,
-    )
+    dtype = torch.bfloat16 if recipe.distributed.precision == "bf16" else torch.float32
+    with partitioned_building(config) as partitioned:  # ZeRO-3: no rank ever holds the whole model
+        model = build_model(start_model, trust_remote_code=stage.trust_remote_code, dtype=dtype, partitioned=partitioned)
+        resize_for_tokenizer(model, plan.tokenizer)
+    if stage.memory.activation_checkpointing:
+        enable_activation_checkpointing(model, f"stages.{stage.name}.memory.activation_checkpointing")
+    return build_engine(model, recipe.distributed, stage.optimizer, lambda t: lr_at(stage.schedule, t, plan.steps),
+                        micro, grad_accum, config=config)
 
 
 def _stage_ema(engine: StepEngine, stage, restored: Restored, rank: int) -> Ema | None:
@@ -255,14 +266,14 @@ def write_summary(stage_dir: Path, plan: StagePlan, train_seconds: float | None)
     write_json(stage_dir / "summary.json", jsonable(summary), indent=2, allow_nan=False)
 
 
-def _gather(plan: StagePlan, rows: np.ndarray) -> torch.Tensor:
+def _gather(plan: StagePlan, rows: np.ndarray) -> np.ndarray:
     """This rank's (rows, seq_len) token ids, read from the domains' memory-mapped blocks."""
     out = np.empty((len(rows), plan.stage.seq_len), dtype=np.int64)
     for domain_index, name in enumerate(plan.domains):
         mine = rows[:, 0] == domain_index
         if mine.any():
             out[mine] = plan.blocks[name][rows[mine, 1]]
-    return torch.from_numpy(out)
+    return out
 
 
 def _resume_argv(argv: tuple[str, ...]) -> list[str]:
