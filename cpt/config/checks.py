@@ -3,6 +3,7 @@ schedules against stage lengths, harness tasks, files that must exist."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from cpt.config.evaluation import task_problem
@@ -51,6 +52,10 @@ def check_recipe(recipe: Recipe, *, check_files: bool = True) -> list[CptError]:
             errors.append(CptError(exc.message, f"{where}.{exc.where or 'schedule'}"))
         if check_files:
             errors.extend(_file_problems(stage, where))
+    if check_files:
+        for i, name in enumerate(recipe.trackers):  # each tracker's package is named as the tracker
+            if importlib.util.find_spec(name) is None:
+                errors.append(CptError(f"{name} needs the {name} package (pip install {name})", f"trackers[{i}]"))
     return errors
 
 

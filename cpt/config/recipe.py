@@ -10,7 +10,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, Field, model_validator
@@ -205,10 +205,15 @@ class Recipe(Strict):
         default_factory=DistributedConfig,
         description="Processes, ZeRO stage and precision, shared by every stage.",
     )
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that also receive every metrics record, one run per stage: tensorboard "
+        "(event files under `<stage>/tensorboard`), wandb (project: the recipe's name; `WANDB_MODE=offline` "
+        "works), mlflow (`MLFLOW_TRACKING_URI`, else a file store in `<output_dir>/mlruns`); each needs its package.",
+    )
     tensorboard: bool = Field(
         default=False,
-        description="Also write every metrics record as TensorBoard scalars under `<stage>/tensorboard` "
-        "(needs the tensorboard package).",
+        description="The same as listing tensorboard in trackers (kept for older recipes).",
     )
     stages: list[Stage] = Field(
         min_length=1,
@@ -219,6 +224,10 @@ class Recipe(Strict):
     def _defaults(self) -> Recipe:
         if self.output_dir is None:
             self.output_dir = f"runs/{self.name}"
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"trackers lists one twice: {self.trackers}")
+        if self.tensorboard and "tensorboard" not in self.trackers:
+            self.trackers = [*self.trackers, "tensorboard"]
         return self
 
     def stage(self, name: str) -> Stage:

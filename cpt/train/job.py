@@ -3,8 +3,9 @@
 The first process locks the job directory for the job's whole life (:mod:`cpt.lock`), claims it
 (:func:`cpt.io.claim_dir`) and prepares the data once; then it trains itself or starts the
 processes the recipe asks for under DeepSpeed's launcher, which find everything ready. Processes
-started by an outside launcher (torchrun, accelerate) do the same with rank 0 in charge; rank 0
-prepares the data first, so that the others read its cache instead of racing to write it.
+started by an outside launcher (torchrun, accelerate) do the same with rank 0 in charge. Then
+every process reads the prepared data in turn (:func:`prepare_in_turn`), so that no two processes
+ever race to write one cache, whether the nodes share it or each has its own.
 """
 
 from __future__ import annotations
@@ -54,9 +55,19 @@ def start_job(
             problem = dist.broadcast_object(problem, current_device())
             if problem is not None:
                 raise problem
-        if not ctx.is_main:
-            dist.barrier()  # rank 0 fills the data cache first
-        prepared = prepare()
-        if ctx.is_main:
-            dist.barrier()
-        return work(prepared)
+        return work(prepare_in_turn(prepare))
+
+
+def prepare_in_turn(prepare: Callable[[], T]) -> T:
+    """``prepare`` on every rank, never by two processes of one cache at once: rank 0 first, then
+    the first process of every other node, then the rest. With one cache that all nodes share the
+    later ones only read what rank 0 wrote; with a cache on each node's local disk, the first
+    process of each node fills its node's cache and the node's other processes read it."""
+    ctx = distributed_context()
+    turn = 0 if ctx.is_main else 1 if ctx.local_rank == 0 else 2
+    prepared = None
+    for phase in range(3):
+        if phase == turn:
+            prepared = prepare()
+        dist.barrier()
+    return prepared

@@ -9,26 +9,21 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from cpt import faults
 from cpt.io import io_errors, write_text
+from cpt.train.trackers import Tracker
 
 
 class MetricsLog:
-    def __init__(self, path: Path, *, enabled: bool = True, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, *, enabled: bool = True, trackers: Sequence[Tracker] = ()):
+        """``trackers`` (:mod:`cpt.train.trackers`) receive every record's numbers too."""
         self.path = path
         self.enabled = enabled
         self._file = None
-        self._writer = None
-        if enabled and tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:  # tensorboard is optional
-                from cpt.errors import CptError
-
-                raise CptError(f"tensorboard: true needs the tensorboard package ({exc})", "tensorboard") from None
-            self._writer = SummaryWriter(str(tensorboard_dir))
+        self._trackers = list(trackers) if enabled else []
 
     def truncate_to(self, updates: int) -> None:
         """Keep what a run that stopped after ``updates`` steps had written, atomically: training
@@ -49,18 +44,18 @@ class MetricsLog:
             self._file.write(json.dumps(jsonable(record)) + "\n")
             self._file.flush()
             faults.point("metrics.write", self.path)
-        if self._writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._writer.add_scalar(key, value, record["step"])
+        numbers = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for tracker in self._trackers:
+            tracker.log(numbers, int(record["step"]) + (record.get("kind") != "eval"))
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -118,7 +118,10 @@ def enable_activation_checkpointing(model: PreTrainedModel, where: str) -> None:
     """
     if not model.supports_gradient_checkpointing:
         raise CptError(f"{type(model).__name__} does not support activation checkpointing", where)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
 
 

@@ -50,6 +50,7 @@ from cpt.train.progress import Progress
 from cpt.train.schedules import lr_at
 from cpt.train.step_log import StepLog
 from cpt.train.throughput import local_peak_flops
+from cpt.train.trackers import open_trackers
 
 
 @dataclass
@@ -171,8 +172,8 @@ def train_stage(
     if restored.sampler is not None:
         sampler.load_state_dict(restored.sampler)
     start = restored.step
-    metrics = MetricsLog(stage_dir / "metrics.jsonl", enabled=ctx.is_main,
-                         tensorboard_dir=stage_dir / "tensorboard" if recipe.tensorboard else None)
+    trackers = open_trackers(recipe.trackers, recipe.name, stage_dir, recipe.model_dump(mode="json")) if ctx.is_main else []
+    metrics = MetricsLog(stage_dir / "metrics.jsonl", enabled=ctx.is_main, trackers=trackers)
     metrics.truncate_to(start)
     evaluator = StageEvaluator(recipe, plan, ctx.rank, ctx.world_size) if stage.evaluation.enabled else None
     if evaluator is not None and start > 0:
