@@ -20,6 +20,7 @@ from cpt.train.metrics import read_metrics, train_records
 from cpt.train.model import build_model, enable_activation_checkpointing
 from cpt.train.prefetch import Prefetcher
 from cpt.train.throughput import device_peak_flops, flops_per_token, model_flops_per_token
+from cpt.train.trackers import mlflow_key
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -131,6 +132,8 @@ def test_zero3_load_never_holds_the_whole_model_on_a_rank(tmp_path):
 
     config = AutoConfig.for_model(model_type="llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
                                   num_attention_heads=8, vocab_size=tiny.VOCAB, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(config.__class__(**{**config.to_dict(), "num_hidden_layers": 1, "hidden_size": 64,
+                                      "intermediate_size": 64})).save_pretrained(tmp_path / "warmup")
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(tmp_path / "model")
     model_bytes = sum(p.numel() * 4 for p in model.parameters())
@@ -138,7 +141,8 @@ def test_zero3_load_never_holds_the_whole_model_on_a_rank(tmp_path):
     code = subprocess.run(
         [sys.executable, "-c", "import sys; from cpt.train.launch import relaunch_under_deepspeed as r; "
          "from cpt.config.training import DistributedConfig as D; "
-         f"sys.exit(r([{str(tmp_path / 'model')!r}, {str(tmp_path)!r}], D(num_processes=2), module='partitioned_load'))"],
+         f"sys.exit(r([{str(tmp_path / 'model')!r}, {str(tmp_path / 'warmup')!r}, {str(tmp_path)!r}], "
+         "D(num_processes=2), module='partitioned_load'))"],
         env=_env(), capture_output=True, text=True, timeout=300,
     )
     assert code.returncode == 0, code.stderr[-3000:]
@@ -177,10 +181,7 @@ stages:
 
 
 @pytest.mark.slow
-def test_trackers_receive_every_record_and_records_carry_throughput(tmp_path):
-    pytest.importorskip("wandb")
-    pytest.importorskip("mlflow")
-    pytest.importorskip("tensorboard")
+def test_trackers_receive_every_record_and_records_carry_throughput(tmp_path, monkeypatch):
     recipe = tmp_path / "tracked.yaml"
     recipe.write_text(TRACKED.format(out=tmp_path / "run"))
     env = _env(WANDB_MODE="offline", WANDB_SILENT="true", MLFLOW_TRACKING_URI=(tmp_path / "mlruns").as_uri(),
@@ -211,10 +212,12 @@ def test_trackers_receive_every_record_and_records_carry_throughput(tmp_path):
 
     from mlflow import MlflowClient
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
     (run,) = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
     assert run.info.run_name == "s" and run.info.status == "FINISHED"
-    flow = {(k, m.step): m.value for k in ("loss", "eval/prose/loss") for m in client.get_metric_history(run.info.run_id, k)}
+    flow = {(k, m.step): m.value for k in ("loss", "eval/prose/loss")
+            for m in client.get_metric_history(run.info.run_id, mlflow_key(k))}
 
     (log,) = (tmp_path / "run" / "s" / "wandb").glob("offline-run-*/run-*.wandb")
     inspected = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)], env=env,
@@ -241,7 +244,8 @@ def test_two_nodes_with_node_local_caches_train_as_one_node(tmp_path):
     from test_faults import write_recipe
 
     recipe = write_recipe(tmp_path, zero=2, procs=2)
-    one = subprocess.run([sys.executable, "-m", "cpt.cli", "run", str(recipe), "--output-dir", str(tmp_path / "one")],
+    short = ["--set", "stages.s.steps=4", "--set", "stages.s.evaluation.enabled=false"]
+    one = subprocess.run([sys.executable, "-m", "cpt.cli", "run", str(recipe), "--output-dir", str(tmp_path / "one"), *short],
                          env=_env(CPT_CACHE_DIR=str(tmp_path / "cache-one")), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     port = _free_port()
@@ -249,7 +253,7 @@ def test_two_nodes_with_node_local_caches_train_as_one_node(tmp_path):
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
              "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
-             "-m", "cpt.cli", "run", str(recipe), "--output-dir", str(tmp_path / "two")],
+             "-m", "cpt.cli", "run", str(recipe), "--output-dir", str(tmp_path / "two"), *short],
             env=_env(CPT_CACHE_DIR=str(tmp_path / f"cache-node{node}"), OMP_NUM_THREADS="1"),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )

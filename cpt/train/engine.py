@@ -13,6 +13,7 @@ shows: a skipped step spends its lr without an update.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
@@ -151,9 +152,42 @@ def partitioned_building(config: dict[str, Any]) -> Iterator[bool]:
 
     alive = HfDeepSpeedConfig(config)  # transformers holds it by a weak reference only
     try:
-        yield True
+        with heap_returned_at_once():
+            yield True
     finally:
         del alive
+
+
+@contextmanager
+def heap_returned_at_once() -> Iterator[None]:
+    """Make glibc serve large host allocations by mmap while open, so that memory freed is returned.
+
+    Building partitions allocates each module's whole weights, keeps a part and frees the rest. By
+    default glibc raises its mmap threshold after such frees and carves later blocks from a heap
+    that the kept parts fragment, so a rank's resident memory grows towards the whole model that
+    it never holds at once. Afterwards the threshold is 32 MiB (glibc's own ceiling) and the heap
+    is trimmed. Nothing happens where the C library is not glibc.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+            libc.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 class _Skippable:

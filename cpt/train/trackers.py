@@ -10,7 +10,8 @@ when it was written (an evaluation at step N follows training step N - 1). Only 
   (``offline`` on clusters without internet, then ``wandb sync``) and the other ``WANDB_*``
   variables apply as usual.
 - ``mlflow``: ``MLFLOW_TRACKING_URI`` when set (a tracking server), else a file store in
-  ``<output_dir>/mlruns`` (``mlflow ui --backend-store-uri <output_dir>/mlruns``).
+  ``<output_dir>/mlruns`` (``mlflow ui --backend-store-uri <output_dir>/mlruns``); metric names
+  use ``.`` where the others use ``/`` (:func:`mlflow_key`).
 """
 
 from __future__ import annotations
@@ -77,10 +78,17 @@ class MLflow:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._client.log_batch(self._run_id, metrics=[Metric(k, v, now, updates) for k, v in values.items()])
+        metrics = [Metric(mlflow_key(k), v, now, updates) for k, v in values.items()]
+        self._client.log_batch(self._run_id, metrics=metrics)
 
     def close(self) -> None:
         self._client.set_terminated(self._run_id)
+
+
+def mlflow_key(key: str) -> str:
+    """MLflow's file store keeps a metric per file, named by its path: ``loss`` and ``loss/prose``
+    cannot both exist, so ``/`` becomes ``.`` there (``loss.prose``, ``eval.prose.loss``)."""
+    return key.replace("/", ".")
 
 
 def open_trackers(names: list[str], recipe_name: str, stage_dir: Path, config: dict[str, Any]) -> list[Tracker]:

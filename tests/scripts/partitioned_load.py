@@ -1,4 +1,4 @@
-"""Run under the deepspeed launcher by tests/test_scale.py: ``partitioned_load MODEL_DIR OUT_DIR``.
+"""Run under the deepspeed launcher by tests/test_scale.py: ``partitioned_load MODEL_DIR WARMUP_DIR OUT_DIR``.
 
 Every rank loads the HF model in MODEL_DIR as ZeRO-3 partitions the way a stage does, and reports
 its resident memory before and after (the peak, from the kernel), the sizes of the parts it
@@ -26,11 +26,13 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def main(model_dir: Path, out: Path) -> None:
+def main(model_dir: Path, warmup_dir: Path, out: Path) -> None:
     deepspeed = import_deepspeed()
     init_distributed()
     rank = distributed_context().rank
     config = ds_config(DistributedConfig(zero_stage=3, num_processes=2), OptimizerConfig(), 1, 1, hidden_size=64)
+    with partitioned_building(config):  # pays the one-time costs (imports, buffers) of building partitions
+        build_model(str(warmup_dir), partitioned=True)
     before = psutil.Process().memory_info().rss
     peak_before = peak_rss()
     with partitioned_building(config) as partitioned:
@@ -56,4 +58,4 @@ def main(model_dir: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
