@@ -23,6 +23,7 @@ from cpt.train.throughput import device_peak_flops, flops_per_token, model_flops
 from cpt.train.trackers import mlflow_key
 
 SCRIPTS = Path(__file__).parent / "scripts"
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
 def _blocks(model) -> list[torch.nn.Module]:
@@ -142,8 +143,8 @@ def test_zero3_load_never_holds_the_whole_model_on_a_rank(tmp_path):
         [sys.executable, "-c", "import sys; from cpt.train.launch import relaunch_under_deepspeed as r; "
          "from cpt.config.training import DistributedConfig as D; "
          f"sys.exit(r([{str(tmp_path / 'model')!r}, {str(tmp_path / 'warmup')!r}, {str(tmp_path)!r}], "
-         "D(num_processes=2), module='partitioned_load'))"],
-        env=_env(), capture_output=True, text=True, timeout=300,
+         "D(num_processes=2), module='load_probe'))"],
+        env=_env(PYTHONPATH=os.pathsep.join([str(BENCHMARKS), str(BENCHMARKS.parent)])), capture_output=True, text=True, timeout=300,
     )
     assert code.returncode == 0, code.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]

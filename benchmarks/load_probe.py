@@ -1,8 +1,11 @@
-"""Run under the deepspeed launcher by tests/test_scale.py: ``partitioned_load MODEL_DIR WARMUP_DIR OUT_DIR``.
+"""One rank's side of a ZeRO-3 load, run under the deepspeed launcher by benchmarks/memory.py and
+tests/test_scale.py: ``python -m load_probe MODEL_DIR WARMUP_DIR OUT_DIR`` (benchmarks/ on the path).
 
-Every rank loads the HF model in MODEL_DIR as ZeRO-3 partitions the way a stage does, and reports
-its resident memory before and after (the peak, from the kernel), the sizes of the parts it
-holds, and (rank 0, gathered one weight at a time) whether every weight equals the checkpoint's.
+Every rank first loads the small model in WARMUP_DIR (paying the one-time costs of building
+partitions: imports, communication buffers), then the HF model in MODEL_DIR as ZeRO-3 partitions
+the way a stage does. It writes OUT_DIR/rank-<r>.json: its resident memory before that load and
+its peak after it (the kernel's high-water mark), the sizes of the parts it holds, and (rank 0,
+gathered one weight at a time) whether every weight equals the checkpoint's.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from cpt.config.training import DistributedConfig, OptimizerConfig
 from cpt.train.engine import ds_config, import_deepspeed, init_distributed, partitioned_building
@@ -30,7 +33,8 @@ def main(model_dir: Path, warmup_dir: Path, out: Path) -> None:
     deepspeed = import_deepspeed()
     init_distributed()
     rank = distributed_context().rank
-    config = ds_config(DistributedConfig(zero_stage=3, num_processes=2), OptimizerConfig(), 1, 1, hidden_size=64)
+    hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+    config = ds_config(DistributedConfig(zero_stage=3, num_processes=2), OptimizerConfig(), 1, 1, hidden_size=hidden)
     with partitioned_building(config):  # pays the one-time costs (imports, buffers) of building partitions
         build_model(str(warmup_dir), partitioned=True)
     before = psutil.Process().memory_info().rss
@@ -46,13 +50,12 @@ def main(model_dir: Path, warmup_dir: Path, out: Path) -> None:
         "visible": sum(p.numel() for p in model.parameters()),
         "total": sum(p.ds_numel for p in model.parameters()),
     }
-    if rank == 0:
-        saved = load_file(model_dir / "model.safetensors")
     equal = True
-    for name, p in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([p]):
-            if rank == 0:
-                equal &= torch.equal(p.data, saved[name])
+    with safe_open(model_dir / "model.safetensors", "pt") as saved:  # one weight at a time
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                if rank == 0:
+                    equal &= torch.equal(p.data, saved.get_tensor(name))
     report["equal"] = equal
     (out / f"rank-{rank}.json").write_text(json.dumps(report))
 
