@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cpt.train.metrics import read_metrics, train_records
+from cpt.train.metrics import read_metrics, reproducible, train_records
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def cpt(*argv, env=None, check=True):
 
 def outcome(run: Path) -> tuple[list, dict, dict]:
     """What must be identical: the training records, the final weights and the release's weights."""
-    records = [{k: v for k, v in r.items()} for r in train_records(read_metrics(run / "s" / "metrics.jsonl"))]
+    records = [reproducible(r) for r in train_records(read_metrics(run / "s" / "metrics.jsonl"))]
     final = load_file(run / "s" / "final" / "model.safetensors")
     release = load_file(run / "s" / "releases" / "step-4" / "model.safetensors")
     return records, final, release

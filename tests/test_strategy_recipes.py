@@ -174,6 +174,12 @@ def _long_context(plan, recipe):
     assert len({s["tokens"] // s["steps"] for s in plan.values()}) == 1  # same tokens per step
 
 
+def _seven_b(plan, recipe):
+    _wsd(plan, recipe)
+    assert all(abs(w - 0.75) < 1e-9 for w in plan["math"]["weights"]["math"])  # 25% replay
+    assert recipe.distributed.zero_stage == 3 and recipe.stage("math").memory.activation_checkpointing  # the toy keeps both
+
+
 STRATEGY = {
     "rewarm-cosine-replay": _replay,
     "infinite-schedule": _infinite,
@@ -183,6 +189,7 @@ STRATEGY = {
     "cmr-sweep": _cmr_sweep,
     "language-adaptation": _language,
     "long-context": _long_context,
+    "continue-7b-8gpu": _seven_b,
 }
 
 

@@ -270,6 +270,13 @@ class StepEngine:
         self.engine.optimizer = None
         self._optimizer = None
 
+    def release_parameters(self) -> None:
+        """Give back every parameter that ZeRO-3 gathered or prefetched: forward passes outside a
+        training step (evaluation) leave prefetched ones in flight, and a later gather (an export)
+        refuses to partition those."""
+        if self.zero_stage == 3:
+            self.engine.empty_partition_cache()
+
     def state_dict(self) -> dict[str, int]:
         return {"updates": self.updates, "nonfinite": self.nonfinite}
 

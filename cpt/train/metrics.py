@@ -62,6 +62,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+# Keys that measure the machine, not the training: identical runs (and a resumed run) differ in them.
+MEASURED = frozenset({"tokens_per_s", "mfu"})
+
+
+def reproducible(record: dict[str, Any]) -> dict[str, Any]:
+    """The part of a record that a deterministic run reproduces exactly."""
+    return {k: v for k, v in record.items() if k not in MEASURED}
+
+
 def train_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("kind") != "eval"]
 

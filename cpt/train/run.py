@@ -188,7 +188,7 @@ def train_stage(
     train_seconds = 0.0
     try:
         if evaluator is not None and start == 0:
-            metrics.write(evaluator.evaluate(engine.module, engine.device, 0, ema))
+            metrics.write(_evaluate(evaluator, engine, 0, ema))
         micro = stage.batch.micro_batch_size
         for step in range(start, steps):
             started = time.perf_counter()
@@ -202,7 +202,7 @@ def train_stage(
             done = step + 1
             log.after_step(step, result, engine, batches, seconds)
             if evaluator is not None and evaluator.due(done):
-                metrics.write(evaluator.evaluate(engine.module, engine.device, done, ema))
+                metrics.write(_evaluate(evaluator, engine, done, ema))
             stopping = result.stop and done < steps
             checkpointer.after_step(done, stopping)
             if stopping:
@@ -218,6 +218,13 @@ def train_stage(
         progress.close()
         metrics.close()
         engine.close()
+
+
+def _evaluate(evaluator: StageEvaluator, engine: StepEngine, done: int, ema: Ema | None) -> dict:
+    """The held-out record after ``done`` updates, with the engine's parameters given back after."""
+    record = evaluator.evaluate(engine.module, engine.device, done, ema)
+    engine.release_parameters()
+    return record
 
 
 def _stage_engine(recipe: Recipe, plan: StagePlan, index: int, start_model) -> StepEngine:
