@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,25 +64,34 @@ def recipe(out: Path, *, stages: int, zero: int, procs: int, steps: int, seq_len
             "stages": [stage("first", True), stage("second", False)][:stages]}
 
 
-def peak_of_tree(cmd: list[str], env: dict, log: Path) -> dict[int, int] | None:
+def peak_of_tree(cmd: list[str], env: dict, log: Path, limit: int) -> dict[int, int] | None:
     """Run ``cmd``; the peak RSS of each of its processes running ``cpt.cli`` or a script of ours,
-    or None when it failed."""
+    or None when it failed or its processes together went over ``limit`` bytes (then it is killed
+    before the kernel's OOM killer picks something else on the machine)."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         peaks: dict[int, int] = {}
         while proc.poll() is None:
             try:
                 tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
             except psutil.NoSuchProcess:
                 break
+            resident = 0
             for p in tree:
                 try:
+                    resident += p.memory_info().rss
                     if _is_worker(p.cmdline()):
                         with open(f"/proc/{p.pid}/status") as f:
                             hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
                         peaks[p.pid] = max(peaks.get(p.pid, 0), hwm)
                 except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError, StopIteration):
                     pass
+            if resident > limit:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                print(f"{log.stem}: killed at {resident / 2**30:.1f} GiB resident (limit {limit / 2**30:.1f})",
+                      file=sys.stderr)
+                return None
             time.sleep(0.05)
     return peaks if proc.returncode == 0 else None
 
@@ -98,6 +108,10 @@ def rank_peak(peaks: dict[int, int] | None) -> int | None:
     return max(peaks.values()) if peaks else None
 
 
+def gib(n: int | None) -> str:
+    return "none (failed)" if n is None else f"{n / 2**30:.2f} GiB"
+
+
 def ratio(a: int | None, b: int | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
@@ -110,6 +124,8 @@ def main() -> None:
     ap.add_argument("--cpt-src", type=Path, help="run the cpt of this checkout instead (figures of older code)")
     ap.add_argument("--python", default=sys.executable,
                     help="the interpreter to run cpt with (with --cpt-src: one where cpt is not installed)")
+    ap.add_argument("--limit-gib", type=float, default=0.85 * psutil.virtual_memory().available / 2**30,
+                    help="kill a run whose processes together hold more (default: 85%% of what is available now)")
     ap.add_argument("--keep", type=Path, help="keep the runs here instead of a temporary directory")
     args = ap.parse_args()
 
@@ -119,21 +135,22 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CPT_CACHE_DIR": str(work / "cache"),
            "PYTHONPATH": os.pathsep.join([str(src), str(HERE)]), "TOKENIZERS_PARALLELISM": "false"}
     figures: dict[str, int | None] = {}
+    limit = int(args.limit_gib * 2**30)
 
     def cpt_run(name: str, **kw) -> int | None:
         path = work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe(work / name, **kw), sort_keys=False))
         peak = rank_peak(peak_of_tree([args.python, "-m", "cpt.cli", "run", str(path), "--overwrite"], env,
-                                      work / f"{name}.log"))
-        print(f"{name}: peak {peak and peak / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+                                      work / f"{name}.log", limit))
+        print(f"{name}: peak {gib(peak)}", file=sys.stderr, flush=True)
         return peak
 
     common = dict(steps=args.steps, seq_len=args.seq_len, micro=1, batch=2)
     figures["z3_2p_two_stage"] = cpt_run("z3-2p-two", stages=2, zero=3, procs=2, **common)
     plain = [args.python, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29533", "--no_local_rank",
              str(HERE / "plain_deepspeed.py"), json.dumps(MODEL), str(VOCAB), str(2 * args.steps), str(args.seq_len)]
-    figures["plain_ds_2p"] = rank_peak(peak_of_tree(plain, env, work / "plain.log"))
-    print(f"plain deepspeed: peak {figures['plain_ds_2p'] and figures['plain_ds_2p'] / 2**30:.2f} GiB", file=sys.stderr)
+    figures["plain_ds_2p"] = rank_peak(peak_of_tree(plain, env, work / "plain.log", limit))
+    print(f"plain deepspeed: peak {gib(figures['plain_ds_2p'])}", file=sys.stderr)
     figures["z3_1p_two_stage"] = cpt_run("z3-1p-two", stages=2, zero=3, procs=1, **common)
     figures["z0_1p_two_stage"] = cpt_run("z0-1p-two", stages=2, zero=0, procs=1, **common)
     figures["z0_1p_one_stage"] = cpt_run("z0-1p-one", stages=1, zero=0, procs=1, **common)
@@ -149,7 +166,7 @@ def main() -> None:
                         "AutoModelForCausalLM.from_config(c).save_pretrained(sys.argv[1])", str(warm)], env=env, check=True)
         probe = [args.python, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29534",
                  "--no_local_rank", "--module", "load_probe", str(export), str(warm), str(work)]
-        if peak_of_tree(probe, env, work / "probe.log") is not None:
+        if peak_of_tree(probe, env, work / "probe.log", limit) is not None:
             reports = [json.loads((work / f"rank-{r}.json").read_text()) for r in (0, 1)]
             figures["load_growth"] = max(r["peak_after"] - max(r["peak_before"], r["rss_before"]) for r in reports)
     if not args.skip_act_ckpt:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from scripts import tiny
 from cpt.config.training import DistributedConfig, OptimizerConfig
 from cpt.errors import CptError
 from cpt.train.checkpoint import save
-from cpt.train.engine import build_engine
+from cpt.train.engine import build_engine, free_memory
 from cpt.train.export import export_hf, gather_state_dict
 from cpt.train.launch import (
     DistributedContext,
@@ -95,6 +96,19 @@ def test_bf16_takes_the_adamw_steps_of_fp32_with_or_without_zero(tokenizer):
         losses[stage, precision] = [trainer.train_step(batch, t).loss for t in range(3)]
     assert losses[0, "bf16"] == pytest.approx(losses[1, "bf16"], abs=1e-4)
     assert losses[0, "bf16"] == pytest.approx(losses[0, "fp32"], abs=3e-3)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_a_closed_engine_leaves_nothing_of_its_stage_alive(tokenizer, stage):
+    """Once a stage's engine is closed, its model and optimizer (and so their weights, gradients and
+    moments) are collected: DeepSpeed's ZeRO-3 keeps module-level references that close() drops."""
+    trainer = build_engine(fresh_model(tokenizer), DistributedConfig(zero_stage=stage), OptimizerConfig(), lr_fn, 2, 1)
+    trainer.train_step([tiny.blocks(tokenizer, 2)], 0).loss
+    model, optimizer = weakref.ref(trainer.module), weakref.ref(trainer.engine.optimizer)
+    trainer.close()
+    del trainer
+    free_memory()
+    assert model() is None and optimizer() is None
 
 
 def _optimizer_state(trainer) -> list[torch.Tensor]:

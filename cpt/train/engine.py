@@ -266,9 +266,12 @@ class StepEngine:
     def close(self) -> None:
         """Let go of the DeepSpeed engine (its hooks, optimizer state and buffers): every rank calls it
         when the stage is over, and :func:`free_memory` then returns the memory."""
+        module = self.module
         self.engine.destroy()
         self.engine.optimizer = None
         self._optimizer = None
+        if self.zero_stage == 3:
+            _forget_zero3_module(module)
 
     def release_parameters(self) -> None:
         """Give back every parameter that ZeRO-3 gathered or prefetched: forward passes outside a
@@ -377,12 +380,31 @@ def _grad_norm(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
 
 
+def _forget_zero3_module(module: torch.nn.Module) -> None:
+    """Drop the references that DeepSpeed's ZeRO-3 keeps in module-level state after ``destroy()``
+    (0.19): the model stays on the forward-module stack, and a class-wide ``lru_cache`` on the
+    parameter coordinator's release plan keeps every coordinator, and through it the optimizer,
+    its flat fp32 partitions and moments. Left there, a stage's whole training state outlives it."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    ours = {id(m) for m in module.modules()}
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in ours]
+    release_plan = vars(PartitionedParameterCoordinator)["_PartitionedParameterCoordinator__params_to_release"]
+    for cell in release_plan.__closure__ or ():  # the cache sits under DeepSpeed's nvtx wrapper
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()  # a memo: the coordinators of live engines recompute theirs
+
+
 def free_memory() -> None:
     """Collect what closed engines left (DeepSpeed's objects hold reference cycles) and return the
-    accelerator's cached blocks, so that the next stage starts from the memory the first one did."""
+    accelerator's and the C heap's free blocks, so that the next stage starts from the memory the first one did."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)  # glibc keeps freed heap pages resident until asked
 
 
 def local_shard(p: torch.nn.Parameter) -> torch.Tensor:
