@@ -176,7 +176,14 @@ def heap_returned_at_once() -> Iterator[None]:
     finally:
         if libc is not None:
             libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-            libc.malloc_trim(0)
+        trim_heap()
+
+
+def trim_heap() -> None:
+    """Return the C heap's free pages to the system (glibc keeps them resident until asked)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -402,9 +409,7 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)  # glibc keeps freed heap pages resident until asked
+    trim_heap()
 
 
 def local_shard(p: torch.nn.Parameter) -> torch.Tensor:
