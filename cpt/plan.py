@@ -18,8 +18,8 @@ import numpy as np
 from transformers import PreTrainedTokenizerFast
 
 from cpt.config.recipe import Recipe, Stage
-from cpt.data.mixture import cap_epochs, planned_blocks, weight_matrix
-from cpt.data.pack import load_blocks
+from cpt.data.mixture import cap_epochs, metadata_steps, planned_blocks, weight_matrix
+from cpt.data.pack import Packed, load_packed
 from cpt.data.sources import fingerprint, iter_documents
 from cpt.data.tokenizer import load_tokenizer, train_tokenizer
 from cpt.errors import CptError
@@ -34,8 +34,23 @@ class StagePlan:
     tokenizer: PreTrainedTokenizerFast
     domains: list[str]
     weights: np.ndarray  # (steps, len(domains)), rows sum to 1
-    blocks: dict[str, np.ndarray]  # train blocks (n, seq_len) per domain of `domains`
+    blocks: dict[str, Packed]  # train blocks per domain of `domains`: the ones its draws index
     lr: np.ndarray  # (steps,)
+    metadata: np.ndarray  # (steps,) bool: domains with metadata are trained with it (MeCo)
+    alternate: dict[str, Packed]  # domains trained both with and without metadata: the other variant
+
+    def read(self, step: int, domain: str, draws: np.ndarray) -> tuple[Packed, np.ndarray]:
+        """The packed split that step ``step`` reads ``domain``'s drawn blocks from, and their indices there.
+
+        Draws index ``blocks``; in steps that use the other metadata variant, draw i of n is block
+        i * m // n of its m: the same place in the same documents, which the epoch of draws has
+        not visited yet either.
+        """
+        primary = self.blocks[domain]
+        other = self.alternate.get(domain)
+        if other is None or bool(self.metadata[step]) == (primary.loss_mask is not None):
+            return primary, draws
+        return other, draws * len(other) // len(primary)
 
     @property
     def name(self) -> str:
@@ -58,8 +73,7 @@ class StagePlan:
     def data_pins(self) -> dict[str, dict]:
         """What a checkpoint's data position indexes, per domain: the block cache entry (named by
         the hash of the documents, the tokenizer, seq_len and the format) and its block count."""
-        return {d: {"fingerprint": Path(self.blocks[d].filename).parent.name, "blocks": len(self.blocks[d])}
-                for d in self.domains}
+        return {d: {"fingerprint": self.blocks[d].entry.name, "blocks": len(self.blocks[d])} for d in self.domains}
 
     def to_json(self) -> dict:
         return {
@@ -87,10 +101,14 @@ def plan_stage(recipe: Recipe, stage: Stage, tokenizer: PreTrainedTokenizerFast,
     known = recipe_domains_until(recipe, stage)
     seq_len = stage.seq_len
     cache = recipe.resolved_cache_dir() / "blocks"
+    metadata = metadata_steps(stage.mixture, steps)
 
-    def blocks_of(name: str) -> np.ndarray:
+    def blocks_of(name: str, with_metadata: bool | None = None) -> Packed:
+        """The variant of ``name`` its draws index: with metadata when any step uses it."""
+        if with_metadata is None:
+            with_metadata = known[name].metadata is not None and bool(metadata.any())
         try:
-            return load_blocks(known[name], "train", tokenizer, seq_len, recipe.seed, cache)
+            return load_packed(known[name], "train", tokenizer, seq_len, recipe.seed, cache, metadata=with_metadata)
         except CptError as exc:
             raise CptError(exc.message, f"{where}.data.{name}") from None
 
@@ -112,7 +130,10 @@ def plan_stage(recipe: Recipe, stage: Stage, tokenizer: PreTrainedTokenizerFast,
         weights = cap_epochs(weights, stage.batch.global_batch_size, {d: len(blocks[d]) for d in domains}, caps)
     except CptError as exc:
         raise CptError(exc.message, f"{where}.{exc.where or 'mixture'}") from None
-    return StagePlan(stage, steps, tokenizer, domains, weights, blocks, lr_curve(stage.schedule, steps))
+    both = not metadata.all() and metadata.any()
+    alternate = {name: blocks_of(name, with_metadata=False) for name in domains if both and known[name].metadata}
+    return StagePlan(stage, steps, tokenizer, domains, weights, blocks, lr_curve(stage.schedule, steps), metadata,
+                     alternate)
 
 
 def recipe_domains_until(recipe: Recipe, stage: Stage) -> dict:

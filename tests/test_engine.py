@@ -19,10 +19,12 @@ import torch
 from scripts import tiny
 
 from cpt.config.training import DistributedConfig, OptimizerConfig
+from cpt.data.blocks import TokenBatch
 from cpt.errors import CptError
 from cpt.train.checkpoint import save
 from cpt.train.engine import build_engine, free_memory
 from cpt.train.export import export_hf, gather_state_dict
+from cpt.train.head import ChunkedHead, causal_lm_loss
 from cpt.train.launch import (
     DistributedContext,
     distributed_context,
@@ -71,7 +73,8 @@ def test_lr_of_step_t_is_lr_fn_t_and_updates_match_plain_adamw(tokenizer):
         assert result.lr == lr_fn(t) and not result.skipped
         losses = []
         for ids in micro:
-            loss = reference(input_ids=ids, labels=ids).loss
+            batch = TokenBatch.plain(ids)
+            loss, _ = causal_lm_loss(reference, ChunkedHead.of(reference), batch, batch.n_targets())
             (loss / 2).backward()
             losses.append(loss.item())
         for group in adamw.param_groups:
@@ -83,6 +86,26 @@ def test_lr_of_step_t_is_lr_fn_t_and_updates_match_plain_adamw(tokenizer):
     trained = dict(trainer.module.named_parameters())
     assert all(torch.equal(trained[n], p) for n, p in reference.named_parameters())
     assert trainer.updates == 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_the_chunked_loss_has_the_loss_and_gradients_of_transformers(tokenizer, arch: str):
+    """The output layer's chunked loss against transformers' own (full fp32 logits), tied weights included."""
+    model = fresh_model(tokenizer, arch)
+    reference = copy.deepcopy(model)
+    ids = tiny.blocks(tokenizer, 3)
+    batch = TokenBatch.plain(ids)
+    torch.manual_seed(1)  # GPT-2's dropout draws the same masks in both
+    loss, per_token = causal_lm_loss(model, ChunkedHead.of(model), batch, batch.n_targets())
+    loss.backward()
+    torch.manual_seed(1)
+    expected = reference(input_ids=ids, labels=ids)
+    expected.loss.backward()
+    assert loss.item() == pytest.approx(expected.loss.item(), abs=1e-5)
+    assert per_token[:, -1].eq(0).all() and per_token.sum().item() / batch.n_targets() == pytest.approx(loss.item())
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4), name
 
 
 def test_bf16_takes_the_adamw_steps_of_fp32_with_or_without_zero(tokenizer):

@@ -15,8 +15,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import cpt.data.pack as pack
 from cpt.config.data import DomainConfig
 from cpt.config.tokenizer import TrainTokenizerConfig
-from cpt.data.pack import block_stats, cache_path, load_blocks
-from cpt.data.sources import iter_documents
+from cpt.data.pack import block_stats, cache_path, load_blocks, load_packed
+from cpt.data.sources import iter_documents, iter_tagged
 from cpt.data.tokenizer import train_tokenizer
 from cpt.errors import CptError
 
@@ -107,7 +107,7 @@ def test_second_load_reads_the_cache_without_tokenizing(
         load_blocks(corpus, "train", tok, SEQ * 2, 0, cache)  # another seq_len is another entry
 
 
-@pytest.mark.parametrize("damage", ["truncate", "drop-meta", "garble-meta"])
+@pytest.mark.parametrize("damage", ["truncate", "drop-meta", "garble-meta", "truncate-starts"])
 def test_a_damaged_cache_entry_is_rebuilt(
     corpus: DomainConfig, tok, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ):
@@ -117,6 +117,8 @@ def test_a_damaged_cache_entry_is_rebuilt(
         os.truncate(entry / "blocks.bin", SEQ * 2 * 3)
     elif damage == "drop-meta":
         (entry / "meta.json").unlink()
+    elif damage == "truncate-starts":
+        os.truncate(entry / "doc_starts.bin", 8)
     else:
         (entry / "meta.json").write_text('{"n_blocks": ')
     assert np.array_equal(load_blocks(corpus, "train", tok, SEQ, 0, tmp_path), first)
@@ -161,3 +163,71 @@ def test_large_vocabularies_pack_as_uint32(tmp_path: Path):
     blocks = load_blocks(DomainConfig(source=str(path), heldout=0), "train", big, 5, 0, tmp_path / "cache")
     assert blocks.dtype == np.uint32
     assert blocks.tolist() == [[1, 65536, 69000, 2, 69999]]
+
+
+# ----------------------------------------------------------------------------- format 2
+
+
+def document_lengths(cfg: DomainConfig, split: str, tok) -> list[int]:
+    return [len(tok.encode(text, add_special_tokens=False)) + 1 for text in iter_documents(cfg, split, 0)]
+
+
+def test_document_starts_are_the_boundaries_of_the_stream(corpus: DomainConfig, tok, tmp_path: Path):
+    packed = load_packed(corpus, "train", tok, SEQ, 0, tmp_path)
+    starts = np.concatenate([[0], np.cumsum(document_lengths(corpus, "train", tok))[:-1]])
+    assert packed.doc_starts.tolist() == [s for s in starts.tolist() if s < packed.tokens.size]
+    assert packed.loss_mask is None  # plain text: every token is a target
+    eos = packed.tokens.reshape(-1) == tok.eos_token_id
+    assert set((packed.doc_starts[1:] - 1).tolist()) <= set(np.flatnonzero(eos).tolist())
+
+
+def test_small_batches_give_the_same_starts_and_masks(tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    cfg = tagged_corpus(tmp_path)
+    whole = load_packed(cfg, "train", tok, SEQ, 0, tmp_path / "a", metadata=True)
+    monkeypatch.setattr(pack, "_BATCH_DOCUMENTS", 3)
+    small = load_packed(cfg, "train", tok, SEQ, 0, tmp_path / "b", metadata=True)
+    for name in ("tokens", "doc_starts", "loss_mask"):
+        assert np.array_equal(getattr(small, name), getattr(whole, name)), name
+
+
+def tagged_corpus(tmp_path: Path) -> DomainConfig:
+    rows = [{"text": f"print({i})\n" * (1 + i % 4), "url": f"https://site{i % 3}.example.org/page/{i}"}
+            for i in range(30)]
+    path = tmp_path / "tagged.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return DomainConfig(source=str(path), heldout=3, metadata={"field": "url"})
+
+
+def test_the_metadata_variant_prefixes_each_document_and_masks_the_prefix(tok, tmp_path: Path):
+    cfg = tagged_corpus(tmp_path)
+    plain = load_packed(cfg, "train", tok, SEQ, 0, tmp_path)
+    tagged = load_packed(cfg, "train", tok, SEQ, 0, tmp_path, metadata=True)
+    assert plain.entry != tagged.entry and tagged.loss_mask is not None
+    stream, mask = [], []
+    for prefix, text in iter_tagged(cfg, "train", 0):
+        assert prefix.startswith("URL: site") and prefix.endswith(".example.org\n\n")
+        head = tok.encode(prefix, add_special_tokens=False)
+        body = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+        stream += head + body
+        mask += [0] * len(head) + [1] * len(body)
+    n = tagged.tokens.size
+    assert tagged.tokens.reshape(-1).tolist() == stream[:n]
+    assert tagged.loss_mask.reshape(-1).tolist() == mask[:n]
+    assert block_stats(cfg, "train", tok, SEQ, 0, tmp_path, metadata=True).n_masked == mask[:n].count(0) > 0
+    # the text's tokens are the same in both variants
+    text_tokens = tagged.tokens.reshape(-1)[tagged.loss_mask.reshape(-1) == 1].tolist()
+    plain_tokens = plain.tokens.reshape(-1).tolist()
+    common = min(len(text_tokens), len(plain_tokens))
+    assert common > 100 and text_tokens[:common] == plain_tokens[:common]
+
+
+def test_an_entry_of_the_first_format_is_never_read(corpus: DomainConfig, tok, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture):
+    first = np.array(load_blocks(corpus, "train", tok, SEQ, 0, tmp_path))
+    entry = cache_path(corpus, "train", tok, SEQ, 0, tmp_path)
+    meta = json.loads((entry / "meta.json").read_text())
+    (entry / "meta.json").write_text(json.dumps(meta | {"format": 1}))
+    (entry / "blocks.bin").write_bytes(np.zeros_like(first).tobytes())  # what a misreading would return
+    assert np.array_equal(load_blocks(corpus, "train", tok, SEQ, 0, tmp_path), first)
+    assert "of format 1" in caplog.text
+    assert '"format": 1' not in (entry / "meta.json").read_text()

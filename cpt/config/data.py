@@ -1,17 +1,23 @@
-"""A stage's data domains: where each one's documents come from and how its held-out split is cut.
+"""A stage's data domains: where each one's documents come from, how its held-out split is cut, and
+the metadata prefix of its documents.
 
 The schema and the checks that need no files, apart from the readers (:mod:`cpt.data.sources`).
 """
 
 from __future__ import annotations
 
+import functools
+import string
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from cpt.config.schema import Strict
+from cpt.data.files import suffix_format
 
 BUILTINS = ("python-stdlib", "python-docs", "python-tests")
+# Placeholders of a metadata template that name the metadata value, never a row field.
+VALUE_PLACEHOLDERS = frozenset({"value", "host"})
 
 
 class HFOptions(Strict):
@@ -34,6 +40,104 @@ class HFOptions(Strict):
         description="Read the dataset as a stream instead of downloading it first; heldout must then be "
         "a count, taken from the first documents.",
     )
+
+
+class MetadataConfig(Strict):
+    """The metadata prefix of each document (MeCo: ``URL: <host>`` before the text, not trained on)."""
+
+    field: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The JSON field, parquet column or dataset column holding each document's metadata value, "
+        "e.g. url; only for sources with rows. A missing or null value is an error; numbers are written as text.",
+    )
+    value: str | None = Field(
+        default=None,
+        min_length=1,
+        description="One metadata value for every document of the domain (a tag), instead of field. Without "
+        "both, builtin corpora use their own: a module's path (python-stdlib, python-tests), a pydoc topic or a "
+        "module's dotted name (python-docs); text files their path from the source's directory before any "
+        "wildcard (a single file: its name).",
+    )
+    template: str = Field(
+        default="URL: {host}\n\n",
+        description="The prefix, a Python format string put right before the text, so it ends with its own "
+        "separator (the default ends in a blank line: `URL: {host}\\n\\n`). {value} is the metadata value; {host} "
+        "its host when it is a URL with a network location (https://en.wikipedia.org/wiki/X: en.wikipedia.org), "
+        "else the whole value (a scheme-less www.example.com/x too); any other name is a field of the document's "
+        "row, e.g. {url} (JSON lines, parquet, hf: datasets).",
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _valid_template(cls, template: str) -> str:
+        try:
+            names = template_names(template)
+        except ValueError as e:
+            raise ValueError(f"not a format template: {e}") from None
+        unnamed = [name for name in names if not _plain_name(name)]
+        if unnamed:
+            raise ValueError(
+                f"placeholders must be plain names such as {{value}}, {{host}} or {{url}}, not {{{unnamed[0]}}}"
+            )
+        try:
+            template.format(**dict.fromkeys(names, "x"))
+        except (ValueError, KeyError, IndexError) as e:
+            raise ValueError(f"template cannot be formatted: {e}") from None
+        if not template.strip():
+            raise ValueError("template gives an empty prefix")
+        return template
+
+    @model_validator(mode="after")
+    def _one_value(self) -> MetadataConfig:
+        if self.field is not None and self.value is not None:
+            raise ValueError("give field (a value per document) or value (one for all), not both")
+        if (self.field is not None or self.value is not None) and not self.uses_value:
+            given = "field" if self.field is not None else "value"
+            raise ValueError(f"{given} is unused: the template names neither {{value}} nor {{host}}")
+        return self
+
+    @property
+    def uses_value(self) -> bool:
+        return bool(template_names(self.template) & VALUE_PLACEHOLDERS)
+
+    @property
+    def natural(self) -> bool:
+        """Whether the metadata value is the source's own: a builtin module's or a text file's name."""
+        return self.uses_value and self.field is None and self.value is None
+
+    @property
+    def row_fields(self) -> tuple[str, ...]:
+        """The fields each row must have: the metadata field, then those the template names."""
+        named = sorted(template_names(self.template) - VALUE_PLACEHOLDERS)
+        return tuple(dict.fromkeys([self.field, *named] if self.field is not None else named))
+
+
+@functools.cache
+def template_names(template: str) -> frozenset[str]:
+    """The placeholders of a format template (cached: prefixes are formatted once per document)."""
+    return frozenset(name for _, name, _, _ in string.Formatter().parse(template) if name is not None)
+
+
+def _plain_name(name: str) -> bool:
+    """A keyword placeholder: not positional ({} or {0}), no attribute or index ({a.b}, {a[0]})."""
+    return bool(name) and not name.isdigit() and not any(char in name for char in ".[")
+
+
+def metadata_problem(meta: MetadataConfig, rows: bool) -> str | None:
+    """Why ``meta`` cannot tag documents that are rows with fields (``rows``) or whole texts, if it cannot."""
+    if rows and meta.natural:
+        return (
+            "rows have no metadata value of their own: set metadata.field (e.g. url) or metadata.value, "
+            "or name row fields in the template, e.g. {url}"
+        )
+    if not rows and meta.row_fields:
+        fields = ", ".join(meta.row_fields)
+        return (
+            f"documents without rows (builtin corpora, text files) have no fields to read ({fields}): "
+            "their metadata value is metadata.value or their own name, and the template names only {value} and {host}"
+        )
+    return None
 
 
 class DomainConfig(Strict):
@@ -69,6 +173,10 @@ class DomainConfig(Strict):
         description="The most times a stage may repeat this domain's training tokens; a mixture that asks for more "
         "is scaled down to it, the other domains taking the rest. null: no cap.",
     )
+    metadata: MetadataConfig | None = Field(
+        default=None,
+        description="A metadata prefix for each document, for metadata conditioning (MeCo); null: none.",
+    )
 
     @field_validator("source")
     @classmethod
@@ -100,6 +208,10 @@ class DomainConfig(Strict):
                 "a streamed dataset has no known size: give heldout as a document count (>= 1), "
                 f"not the fraction {self.heldout}"
             )
+        rows = source_rows(self.source)
+        problem = self.metadata and rows is not None and metadata_problem(self.metadata, rows)
+        if problem:
+            raise ValueError(f"metadata: {problem}")
         return self
 
 
@@ -109,3 +221,12 @@ def source_kind(source: str) -> Literal["builtin", "hf", "local"]:
     if source.startswith("hf:"):
         return "hf"
     return "local"
+
+
+def source_rows(source: str) -> bool | None:
+    """Whether a source's documents are rows with fields; None for a glob that may match files of both kinds."""
+    kind = source_kind(source)
+    if kind != "local":
+        return kind == "hf"
+    form = suffix_format(source)
+    return None if form is None else form != "text"

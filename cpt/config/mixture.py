@@ -42,6 +42,12 @@ class _Split(Strict):
         "(in a phase: the stage's replay).",
     )
 
+    metadata: bool | None = Field(
+        default=None,
+        description="Whether documents of domains that define `metadata` are preceded by it (MeCo conditioning); "
+        "false trains on their plain text, as in MeCo's cooldown. null: on (in a phase: the stage's choice).",
+    )
+
     @model_validator(mode="after")
     def _one_shape(self):
         if self.weights is not None and self.temperature is not None:

@@ -143,6 +143,22 @@ class Stage(Strict):
     memory: MemoryConfig = Field(
         default_factory=MemoryConfig, description="Memory savers of the stage: activation checkpointing."
     )
+    document_masking: bool = Field(
+        default=False,
+        description="Keep each packed document to itself: position ids restart at every document, attention never "
+        "crosses a document boundary, and a document's last token is not trained to predict the next document's "
+        "first. Training, held-out evaluation and harness scoring alike.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        default="sdpa",
+        description="transformers' attention backend for the stage; each honours document masking through "
+        "position ids. flash_attention_2 needs the flash-attn package and a GPU.",
+    )
+    compile: bool = Field(
+        default=False,
+        description="Compile each transformer block with torch.compile (inductor; on CPU it needs a C++ compiler "
+        "such as gcc). Tested with ZeRO 0 and 2.",
+    )
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="When resumable checkpoints are saved and how many are kept."
     )

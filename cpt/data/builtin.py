@@ -1,7 +1,9 @@
 """The builtin corpora: real files of this Python installation, so that a run needs no download.
 
 Code (the standard library's modules, its test suite) and English prose (pydoc topics and the
-library's docstrings, read with :mod:`ast`, never imported).
+library's docstrings, read with :mod:`ast`, never imported). Each document comes with its natural
+metadata value, the name a reader would know it by: a module's path (``json/decoder.py``), a
+topic's name, a module's dotted name (``json.decoder``).
 """
 
 from __future__ import annotations
@@ -27,9 +29,24 @@ def installation() -> list[str]:
     return [sys.version, sysconfig.get_paths()["stdlib"]]
 
 
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def module_path(path: Path) -> str:
+    """A module's path from the standard library's root, with ``/`` on every system."""
+    return path.relative_to(_stdlib_root()).as_posix()
+
+
+def module_name(path: Path) -> str:
+    """A module's dotted name: ``json/decoder.py`` is ``json.decoder``, ``json/__init__.py`` is ``json``."""
+    parts = path.relative_to(_stdlib_root()).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def stdlib_files() -> list[Path]:
     """The standard library's own ``.py`` modules, without tests, idlelib or installed packages."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = _stdlib_root()
     found = []
     for directory, subdirs, names in os.walk(root):
         subdirs[:] = [d for d in subdirs if d not in _STDLIB_EXCLUDED]
@@ -37,10 +54,10 @@ def stdlib_files() -> list[Path]:
     return sorted(found)
 
 
-def _python_stdlib() -> Iterator[str]:
+def _python_stdlib() -> Iterator[tuple[str, str]]:
     for path in stdlib_files():
         with tokenize.open(path) as f:  # honours a module's coding declaration
-            yield f.read()
+            yield f.read(), module_path(path)
 
 
 def stdlib_test_files() -> list[Path]:
@@ -49,7 +66,7 @@ def stdlib_test_files() -> list[Path]:
     Debian and Ubuntu move the suite into a separate package and keep only ``test/support`` and
     regrtest, so the suite counts as installed when its tests of the grammar are there.
     """
-    root = Path(sysconfig.get_paths()["stdlib"]) / "test"
+    root = _stdlib_root() / "test"
     if not (root / "test_grammar.py").is_file():
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         raise CptError(
@@ -60,27 +77,27 @@ def stdlib_test_files() -> list[Path]:
     return sorted(path for path in root.rglob("*.py") if "__pycache__" not in path.parts)
 
 
-def _python_tests() -> Iterator[str]:
+def _python_tests() -> Iterator[tuple[str, str]]:
     for path in stdlib_test_files():
         try:
             with tokenize.open(path) as f:
-                yield f.read()
+                yield f.read(), module_path(path)
         except (SyntaxError, UnicodeDecodeError):  # the suite holds deliberately mis-encoded files
             continue
 
 
-def _python_docs() -> Iterator[str]:
+def _python_docs() -> Iterator[tuple[str, str]]:
     from pydoc_data.topics import topics
 
     for name in sorted(topics):
-        yield topics[name]
+        yield topics[name], name
     yield from _stdlib_docstrings()
 
 
 @functools.cache
-def _stdlib_docstrings() -> tuple[str, ...]:
+def _stdlib_docstrings() -> tuple[tuple[str, str], ...]:
     """Parsing the whole standard library takes seconds, so its docstrings (~1.7 MB) are kept once read."""
-    return tuple(module_docstrings(path) for path in stdlib_files())
+    return tuple((module_docstrings(path), module_name(path)) for path in stdlib_files())
 
 
 def module_docstrings(path: Path) -> str:
@@ -101,8 +118,9 @@ def _statements(node: ast.AST) -> Iterator[ast.AST]:
             yield from _statements(child)
 
 
-# The documents of builtin:<name> in their fixed order, for each name of cpt.config.data.BUILTINS.
-CORPORA: dict[str, Callable[[], Iterator[str]]] = {
+# The documents of builtin:<name> in their fixed order, each with its natural metadata value, for each
+# name of cpt.config.data.BUILTINS.
+CORPORA: dict[str, Callable[[], Iterator[tuple[str, str]]]] = {
     "python-stdlib": _python_stdlib,
     "python-docs": _python_docs,
     "python-tests": _python_tests,

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import glob
 import gzip
+import itertools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
@@ -20,12 +21,15 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 ROWS_PER_BATCH = 1024
+GLOB_CHARS = "*?["
+Format = Literal["text", "jsonl", "parquet"]
+Document = tuple[str, Mapping[str, str]]  # a text and the metadata values read with it, by name
 
 
 def local_files(source: str) -> list[Path]:
     """The files a source names: one path, or every file a glob matches, sorted."""
     pattern = os.path.expanduser(source)
-    if any(char in pattern for char in "*?["):
+    if _is_glob(pattern):
         files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not files:
             raise CptError(f"no file matches {source!r}", where="source")
@@ -38,23 +42,44 @@ def local_files(source: str) -> list[Path]:
     return [path]
 
 
-def _format(path: Path) -> Literal["text", "jsonl", "parquet"]:
-    name = path.name.lower().removesuffix(".gz")
-    if name.endswith(TEXT_SUFFIXES):
+def glob_root(source: str) -> Path:
+    """The directory a source's files are named from: its leading parts without wildcards, or a file's own folder."""
+    path = Path(os.path.expanduser(source))
+    fixed = list(itertools.takewhile(lambda part: not _is_glob(part), path.parts))
+    return Path(*fixed) if len(fixed) < len(path.parts) else path.parent
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(char in pattern for char in GLOB_CHARS)
+
+
+def suffix_format(name: str) -> Format | None:
+    """The format a file name (or a glob's) ends in; None when it names none of them."""
+    name = name.lower()
+    plain = name.removesuffix(".gz")
+    if plain.endswith(TEXT_SUFFIXES):
         return "text"
-    if name.endswith(JSONL_SUFFIXES):
+    if plain.endswith(JSONL_SUFFIXES):
         return "jsonl"
-    if name.endswith(PARQUET_SUFFIXES) and not path.name.lower().endswith(".gz"):
+    if name.endswith(PARQUET_SUFFIXES):
         return "parquet"
-    known = ", ".join(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES)
-    raise CptError(
-        f"{path}: unknown file type; expected one of {known} (text and JSON lines may end in .gz)", where="source"
-    )
+    return None
 
 
-def check_file(path: Path, text_field: str) -> None:
-    """Fail on a file that cannot be read as documents, without reading them all."""
-    kind = _format(path)
+def file_format(path: Path) -> Format:
+    """A file's format, from its name."""
+    kind = suffix_format(path.name)
+    if kind is None:
+        known = ", ".join(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES)
+        raise CptError(
+            f"{path}: unknown file type; expected one of {known} (text and JSON lines may end in .gz)", where="source"
+        )
+    return kind
+
+
+def check_file(path: Path, fields: Sequence[str]) -> None:
+    """Fail on a file that cannot be read as documents, without reading them all (a parquet file: its columns)."""
+    kind = file_format(path)
     if not os.access(path, os.R_OK):
         raise CptError(f"{path} is not readable", where="source")
     if kind == "parquet":
@@ -65,9 +90,10 @@ def check_file(path: Path, text_field: str) -> None:
             schema = pq.read_schema(path)
         except (OSError, pa.ArrowException) as e:
             raise CptError(f"{path} is not a readable parquet file: {e}", where="source") from e
-        if text_field not in schema.names:
+        missing = [name for name in fields if name not in schema.names]
+        if missing:
             columns = ", ".join(schema.names)
-            raise CptError(f"{path} has no column {text_field!r}; its columns: {columns}", where="source")
+            raise CptError(f"{path} has no column {missing[0]!r}; its columns: {columns}", where="source")
 
 
 def _open_text(path: Path) -> TextIO:
@@ -76,24 +102,27 @@ def _open_text(path: Path) -> TextIO:
     return open(path, encoding="utf-8")
 
 
-def file_texts(path: Path, text_field: str) -> Iterator[str]:
-    """The documents of one file in file order (empty ones included)."""
-    kind = _format(path)
+def file_documents(path: Path, text_field: str, fields: Sequence[str] = ()) -> Iterator[Document]:
+    """The documents of one file in file order (empty ones included), each with its row's values of ``fields``.
+
+    A text file is one document and has no fields.
+    """
+    kind = file_format(path)
     try:
         if kind == "text":
             with _open_text(path) as f:
-                yield f.read()
+                yield f.read(), {}
         elif kind == "jsonl":
-            yield from _jsonl_texts(path, text_field)
+            yield from _jsonl_documents(path, text_field, fields)
         else:
-            yield from _parquet_texts(path, text_field)
+            yield from _parquet_documents(path, text_field, fields)
     except UnicodeDecodeError as e:
         raise CptError(f"{path} is not UTF-8 text: {e}", where="source") from e
     except OSError as e:
         raise CptError(f"cannot read {path}: {e}", where="source") from e
 
 
-def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
+def _jsonl_documents(path: Path, text_field: str, fields: Sequence[str]) -> Iterator[Document]:
     with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -106,18 +135,35 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
                     "use hf:json for other JSON layouts",
                     where="source",
                 ) from e
-            if not isinstance(row, dict) or text_field not in row:
-                raise CptError(f"{path}:{line_no}: no field {text_field!r}", where="source")
-            yield as_text(row[text_field], f"{path}:{line_no}")
+            yield row_document(row, text_field, fields, f"{path}:{line_no}")
 
 
-def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
+def _parquet_documents(path: Path, text_field: str, fields: Sequence[str]) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
-    check_file(path, text_field)
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_BATCH, columns=[text_field]):
-        for value in batch.column(0).to_pylist():
-            yield as_text(value, f"{path}: column {text_field!r}")
+    columns = list(dict.fromkeys([text_field, *fields]))
+    check_file(path, columns)
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_BATCH, columns=columns):
+        yield from batch_documents(batch.to_pydict(), text_field, fields, str(path))
+
+
+def row_document(row: object, text_field: str, fields: Sequence[str], where: str) -> Document:
+    """One row's document: a missing field is an error, a null text an empty document."""
+    for name in (text_field, *fields):
+        if not isinstance(row, dict) or name not in row:
+            raise CptError(f"{where}: no field {name!r}", where="source")
+    return as_text(row[text_field], where), {name: as_value(row[name], f"{where}: field {name!r}") for name in fields}
+
+
+def batch_documents(
+    batch: Mapping[str, list[Any]], text_field: str, fields: Sequence[str], where: str
+) -> Iterator[Document]:
+    """The documents of rows given column by column, as :func:`row_document` gives one row's."""
+    text_where = f"{where}: column {text_field!r}"
+    texts = (as_text(value, text_where) for value in batch[text_field])
+    values = [[as_value(value, f"{where}: column {name!r}") for value in batch[name]] for name in fields]
+    for text, *row in zip(texts, *values):
+        yield text, dict(zip(fields, row))
 
 
 def as_text(value: object, where: str) -> str:
@@ -127,6 +173,17 @@ def as_text(value: object, where: str) -> str:
     if not isinstance(value, str):
         raise CptError(f"{where}: expected text, found {type(value).__name__}", where="source")
     return value
+
+
+def as_value(value: object, where: str) -> str:
+    """A metadata value from a field or column: text, or a number written as text; a null is an error, since a
+    prefix without its value would teach the model a wrong one."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return str(value)
+    found = "null" if value is None else type(value).__name__
+    raise CptError(f"{where}: expected text or a number as metadata, found {found}", where="source")
 
 
 def file_stamp(path: Path) -> list[Any]:

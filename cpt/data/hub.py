@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from cpt.config.data import DomainConfig, HFOptions
-from cpt.data.files import ROWS_PER_BATCH, as_text
+from cpt.data.files import ROWS_PER_BATCH, Document, batch_documents, row_document
 from cpt.errors import CptError
 
 
-def hf_texts(cfg: DomainConfig) -> Iterator[str]:
-    """The text column of the dataset's split, row by row."""
+def hf_documents(cfg: DomainConfig, fields: Sequence[str] = ()) -> Iterator[Document]:
+    """The documents of the dataset's split in row order, each with its values of the columns ``fields``."""
     import datasets
 
     opts = cfg.hf or HFOptions()
@@ -31,19 +31,18 @@ def hf_texts(cfg: DomainConfig) -> Iterator[str]:
         )
     except Exception as e:  # datasets raises many unrelated types for one cause: the source cannot be read
         raise CptError(f"cannot load dataset {cfg.source}: {e}", where="source") from e
+    wanted = list(dict.fromkeys([cfg.text_field, *fields]))
     columns = dataset.column_names
-    if columns is not None and cfg.text_field not in columns:
+    missing = [name for name in wanted if columns is not None and name not in columns]
+    if missing:
         listed = ", ".join(columns)
-        raise CptError(f"{cfg.source} has no column {cfg.text_field!r}; its columns: {listed}", where="source")
+        raise CptError(f"{cfg.source} has no column {missing[0]!r}; its columns: {listed}", where="source")
     if opts.streaming:
         for row in dataset:
-            if cfg.text_field not in row:
-                raise CptError(f"{cfg.source}: a row has no field {cfg.text_field!r}", where="source")
-            yield as_text(row[cfg.text_field], cfg.source)
+            yield row_document(row, cfg.text_field, fields, f"{cfg.source}: a row")
         return
-    for batch in dataset.select_columns([cfg.text_field]).iter(batch_size=ROWS_PER_BATCH):
-        for value in batch[cfg.text_field]:
-            yield as_text(value, cfg.source)
+    for batch in dataset.select_columns(wanted).iter(batch_size=ROWS_PER_BATCH):
+        yield from batch_documents(batch, cfg.text_field, fields, cfg.source)
 
 
 def local_data_files(data_files: str | list[str] | dict[str, str | list[str]]) -> list[str]:

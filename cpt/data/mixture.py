@@ -19,6 +19,8 @@ Semantics
   the first whose ``until`` exceeds p. A phase that sets ``weights`` or ``temperature`` replaces
   the top-level choice of both; its unset ``replay`` inherits the top-level one. Phases express
   curricula and end-of-run upsampling of small high-quality domains (Blakeney et al. 2024).
+  A phase's ``metadata: false`` trains domains that define metadata on their plain text (the
+  cooldown of MeCo, Gao et al. 2025); :func:`metadata_steps` gives the flag per step.
 - ``max_epochs`` (per domain, applied by :func:`cap_epochs`): a domain planned for more than
   ``cap * available`` blocks is scaled down to exactly that, uniformly over its steps, and the
   freed share goes to the uncapped domains of the same steps in proportion to their weights;
@@ -64,9 +66,22 @@ def weight_matrix(
     rows /= rows.sum(axis=1, keepdims=True)
     if cfg.phases is None:
         return names, np.repeat(rows, steps, axis=0)
+    return names, rows[_active_phase(cfg, steps)]
+
+
+def metadata_steps(cfg: MixtureConfig, steps: int) -> np.ndarray:
+    """(steps,) bool: whether domains with metadata are trained with it at each step (MeCo phases)."""
+    stage = cfg.metadata is not False
+    if cfg.phases is None:
+        return np.full(steps, stage)
+    flags = np.array([stage if p.metadata is None else p.metadata for p in cfg.phases])
+    return flags[_active_phase(cfg, steps)]
+
+
+def _active_phase(cfg: MixtureConfig, steps: int) -> np.ndarray:
+    """Index of the phase that covers each step."""
     ends = np.array([p.until for p in cfg.phases])
-    active = np.searchsorted(ends, np.arange(steps) / steps, side="right")
-    return names, rows[active]
+    return np.searchsorted(ends, np.arange(steps) / steps, side="right")
 
 
 def _span_parts(cfg, index, span, own, known, train_tokens, replay_shares) -> dict[str, float]:

@@ -11,12 +11,13 @@ import hashlib
 import random
 from collections.abc import Iterator
 from itertools import islice
-from typing import Literal
+from typing import Literal, TypeVar
 
 from cpt.config.data import DomainConfig
 from cpt.errors import CptError
 
 Split = Literal["train", "heldout"]
+T = TypeVar("T")  # a document, with whatever its reader carries along
 
 
 def heldout_size(heldout: float, n_documents: int) -> int:
@@ -28,7 +29,7 @@ def heldout_size(heldout: float, n_documents: int) -> int:
     return max(1, round(heldout * n_documents))
 
 
-def sampled_split(cfg: DomainConfig, documents: Iterator[str], n: int, split: Split, seed: int) -> Iterator[str]:
+def sampled_split(cfg: DomainConfig, documents: Iterator[T], n: int, split: Split, seed: int) -> Iterator[T]:
     """One split of the ``n`` documents of a source; the same (seed, source) always gives the same split."""
     k = heldout_size(cfg.heldout, n)
     if n - k < 1:
@@ -39,7 +40,7 @@ def sampled_split(cfg: DomainConfig, documents: Iterator[str], n: int, split: Sp
     return islice(chosen, k if wanted else cfg.max_documents)
 
 
-def streamed_split(cfg: DomainConfig, documents: Iterator[str], split: Split) -> Iterator[str]:
+def streamed_split(cfg: DomainConfig, documents: Iterator[T], split: Split) -> Iterator[T]:
     """One split of a stream of unknown size: the first ``heldout`` documents are held out."""
     k = int(cfg.heldout)
     if split == "heldout":

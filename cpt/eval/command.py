@@ -62,6 +62,7 @@ def evaluate_model(model_dir: str, recipe, stage_name: str | None, tasks: list[s
     from cpt.eval.heldout import heldout_losses, heldout_sets, perplexity
     from cpt.eval.tasks import resolve_tasks, run_harness
     from cpt.plan import stage_tokenizer
+    from cpt.train.model import set_attention
 
     stage = recipe.stage(stage_name) if stage_name else recipe.stages[-1]
     local = local_dir(model_dir, "eval")
@@ -82,17 +83,20 @@ def evaluate_model(model_dir: str, recipe, stage_name: str | None, tasks: list[s
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=stage.trust_remote_code)
     except OSError as exc:
         raise CptError(f"cannot load a model from {model_dir}: {first_line(exc)}", "eval") from None
+    set_attention(model, stage.attn_implementation, f"stages.{stage.name}.attn_implementation")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     cfg, cache = stage.evaluation, recipe.resolved_cache_dir()
     sets = heldout_sets(recipe.domains(), tokenizer, stage.seq_len, recipe.seed, cache / "blocks", cfg.max_tokens_per_domain)
-    losses = heldout_losses(model, sets, cfg.batch_size or stage.batch.micro_batch_size, device)
+    losses = heldout_losses(model, sets, cfg.batch_size or stage.batch.micro_batch_size, device,
+                            document_masking=stage.document_masking)
     names = cfg.harness.tasks if tasks is None else tasks
     harness = {}
     if names:
         resolved = resolve_tasks(names, recipe.domains(), recipe.seed, cache / "harness", cfg.harness.limit)
         harness = run_harness(model, tokenizer, resolved, device=device, limit=cfg.harness.limit,
-                              batch_size=cfg.harness.batch_size, num_fewshot=cfg.harness.num_fewshot)
+                              batch_size=cfg.harness.batch_size, num_fewshot=cfg.harness.num_fewshot,
+                              document_masking=stage.document_masking)
     return {
         "domains": {d: {"loss": loss, "ppl": perplexity(loss)} for d, loss in losses.items()},
         "harness": harness,

@@ -30,6 +30,7 @@ class StageEvaluator:
         self.tokenizer = plan.tokenizer
         self.rank, self.world_size = rank, world_size
         self.batch_size = self.cfg.batch_size or stage.batch.micro_batch_size
+        self.document_masking = stage.document_masking
         cache = recipe.resolved_cache_dir()
         self.sets = heldout_sets(
             recipe.domains(), plan.tokenizer, stage.seq_len, recipe.seed, cache / "blocks", self.cfg.max_tokens_per_domain
@@ -67,7 +68,8 @@ class StageEvaluator:
         for prefix, weights in [("", nullcontext())] + ([("ema/", ema.applied())] if ema is not None else []):
             with weights:
                 t0 = time.perf_counter()
-                losses = heldout_losses(model, self.sets, self.batch_size, device, self.rank, self.world_size)
+                losses = heldout_losses(model, self.sets, self.batch_size, device, self.rank, self.world_size,
+                                        self.document_masking)
                 heldout_seconds += time.perf_counter() - t0
                 for name, loss in losses.items():
                     record[f"{prefix}eval/{name}/loss"] = loss
@@ -77,7 +79,7 @@ class StageEvaluator:
                     results = run_harness(
                         model, self.tokenizer, self.tasks, device=device, limit=harness.limit,
                         batch_size=harness.batch_size, num_fewshot=harness.num_fewshot, rank=self.rank,
-                        world_size=self.world_size,
+                        world_size=self.world_size, document_masking=self.document_masking,
                     )
                     for task, metrics in results.items():
                         record.update({f"{prefix}harness/{task}/{m}": v for m, v in metrics.items()})
@@ -86,7 +88,7 @@ class StageEvaluator:
         for key in [k for k in record if k.endswith("/loss") and k in self.base]:
             prefix, name = key.removesuffix("/loss").rsplit("eval/", 1)
             record[f"{prefix}delta/{name}"] = record[key] - self.base[key]
-        tokens = sum(len(blocks) * blocks.shape[1] for blocks in self.sets.values()) * (2 if ema is not None else 1)
+        tokens = sum(len(packed) * packed.seq_len for packed in self.sets.values()) * (2 if ema is not None else 1)
         record["eval/tokens"] = tokens
         record["eval/heldout_seconds"] = heldout_seconds
         record["eval/tokens_per_s"] = tokens / heldout_seconds if heldout_seconds else None

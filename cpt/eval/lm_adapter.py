@@ -65,26 +65,34 @@ def loglikelihoods(
 
 
 def harness_lm(model: torch.nn.Module, tokenizer, *, batch_size: int, device: torch.device,
-               max_length: int | None = None, rank: int = 0, world_size: int = 1) -> ModelLM:
+               max_length: int | None = None, rank: int = 0, world_size: int = 1,
+               document_masking: bool = False) -> ModelLM:
     """``model`` as an lm-eval ``LM``; ``max_length`` defaults to the model's position limit."""
     if max_length is None:
         max_length = getattr(model.config, "max_position_embeddings", None)
         if max_length is None:
             raise CptError("the model config has no max_position_embeddings: give the harness a max_length", "model")
-    return ModelLM(model, tokenizer, batch_size, max_length, device, rank, world_size)
+    return ModelLM(model, tokenizer, batch_size, max_length, device, rank, world_size, document_masking)
 
 
 class ModelLM(LM):
     """Scores lm-eval requests with an in-memory model. A single process as far as lm-eval
-    knows: every rank builds the same requests, and :func:`loglikelihoods` shares out the passes."""
+    knows: every rank builds the same requests, and :func:`loglikelihoods` shares out the passes.
+
+    A context starts after the document separator, as a document does in packed training; a
+    model trained with document masking never saw a separator before a document (its documents
+    start at position 0 on their own), so its contexts start with their first token instead.
+    Rolling log-likelihoods keep the separator either way: it is what predicts a text's first token.
+    """
 
     def __init__(self, model, tokenizer, batch_size: int, max_length: int, device: torch.device, rank: int,
-                 world_size: int):
+                 world_size: int, document_masking: bool = False):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
         self.shard = {"device": device, "rank": rank, "world_size": world_size}
         self.prefix = prefix_token(tokenizer)
+        self.document_masking = document_masking
 
     def _score(self, pairs):
         return loglikelihoods(self.model, pairs, batch_size=self.batch_size, max_length=self.max_length, **self.shard)
@@ -100,8 +108,11 @@ class ModelLM(LM):
             stripped = context.rstrip()
             pairs.append((stripped, context[len(stripped) :] + continuation))
         ids = self._encode([text for pair in pairs for text in pair])
-        token_pairs = [([self.prefix, *ids[c]], ids[x]) for c, x in pairs]
+        token_pairs = [(self._context(ids[c]), ids[x]) for c, x in pairs]
         return self._score(token_pairs)
+
+    def _context(self, ids: list[int]) -> list[int]:
+        return ids if self.document_masking and ids else [self.prefix, *ids]
 
     def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
         texts = [request.args[0] for request in requests]

@@ -156,8 +156,10 @@ def run_harness(
     max_length: int | None = None,
     rank: int = 0,
     world_size: int = 1,
+    document_masking: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value}}`` for every task (and group) of ``tasks``, scored with ``model``.
+    """``{task: {metric: value}}`` for every task (and group) of ``tasks``, scored with ``model``
+    (``document_masking``: as a model trained with it reads a document, see :class:`ModelLM`).
 
     Metric names are lm-eval's without the default filter's ``,none`` suffix; standard errors are
     not computed. The model's train/eval mode is restored, and so are the global ``random`` and
@@ -171,7 +173,7 @@ def run_harness(
     from cpt.eval.lm_adapter import harness_lm
 
     lm = harness_lm(model, tokenizer, batch_size=batch_size, device=device, max_length=max_length, rank=rank,
-                    world_size=world_size)
+                    world_size=world_size, document_masking=document_masking)
     with _quiet_lm_eval(), _global_rngs_kept():
         try:
             loaded = _task_manager(tasks.registry).load(list(tasks.specs))

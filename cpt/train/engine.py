@@ -26,7 +26,9 @@ import torch
 
 from cpt import dist
 from cpt.config.training import DistributedConfig, OptimizerConfig
+from cpt.data.blocks import IGNORE_INDEX, TokenBatch
 from cpt.errors import CptError
+from cpt.train.head import ChunkedHead, causal_lm_loss
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -39,8 +41,8 @@ class StepResult:
     them on logging steps only.
 
     ``loss`` is the mean over micro-batches and ranks; ``grad_norm`` the global norm before
-    clipping (None when the step was skipped); ``group_losses`` the mean loss of each group of
-    sequences (None for a group absent from the batch). ``stop`` is whether any rank was asked to
+    clipping (None when the step was skipped); ``group_losses`` the mean loss of each group's
+    predicted tokens (None for a group absent from the batch). ``stop`` is whether any rank was asked to
     stop, agreed in the step's own reduction so that every rank stops after the same step.
     """
 
@@ -245,6 +247,7 @@ class StepEngine:
         self.max_nonfinite = max_nonfinite
         self.updates = 0
         self.nonfinite = 0
+        self.head = ChunkedHead.of(engine.module)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -300,16 +303,16 @@ class StepEngine:
         return bool(dist.reduce_values([float(local)], self.device, op="min")[0])
 
     def train_step(
-        self, micro_batches: Sequence[torch.Tensor], step: int, groups: Sequence[torch.Tensor] | None = None,
+        self, micro_batches: Sequence[torch.Tensor | TokenBatch], step: int, groups: Sequence[torch.Tensor] | None = None,
         n_groups: int = 0, stop: bool = False,
     ) -> StepResult:
-        """Forward and backward each ``(micro, seq_len)`` block of token ids, then update once with
-        lr ``lr_fn(step)``.
+        """Forward and backward each micro-batch, then update once with lr ``lr_fn(step)``.
 
-        The model predicts every next token of its input (labels are the inputs; Hugging Face
-        shifts them). ``groups`` (one int tensor per micro-batch, values < ``n_groups``) labels
-        each sequence, e.g. with its data domain; the result then carries the mean loss of each
-        group over all ranks. ``stop`` is this rank's stop request, agreed over ranks in the
+        A micro-batch is a :class:`TokenBatch` (ids, targets, positions) or a ``(micro, seq_len)``
+        tensor of token ids whose every next token is a target. Its loss is the mean over its
+        targets. ``groups`` (one int tensor per micro-batch, values < ``n_groups``) labels each
+        sequence, e.g. with its data domain; the result then carries the mean loss of each
+        group's targets over all ranks. ``stop`` is this rank's stop request, agreed over ranks in the
         result. Raises :class:`CptError` once more than ``max_nonfinite`` steps had a
         non-finite loss; the model is then still the last good one.
         """
@@ -322,15 +325,14 @@ class StepEngine:
         # logits' gradient); the module itself is what runs, and engine.backward still scales
         # for accumulation and reduces across ranks. ZeRO stages need the wrapper.
         forward = engine.module if self.zero_stage == 0 else engine
-        for i, ids in enumerate(micro_batches):
-            ids = ids.to(self.device, non_blocking=True)
-            if groups is None:
-                loss = forward(input_ids=ids, labels=ids).loss
-            else:  # one cross-entropy gives both the loss and each sequence's share of it
-                per_token = _next_token_losses(forward(input_ids=ids).logits, ids)
-                loss = per_token.mean()
-                _add_group_losses(totals[1 : 1 + 2 * n_groups], per_token.detach(), groups[i].to(self.device, non_blocking=True),
-                                  n_groups)
+        for i, micro in enumerate(micro_batches):
+            batch = micro if isinstance(micro, TokenBatch) else TokenBatch.plain(micro)
+            n_targets = batch.n_targets()  # counted on the host: no device synchronisation
+            batch = batch.to(self.device, non_blocking=True)
+            loss, per_token = causal_lm_loss(forward, self.head, batch, n_targets)
+            if groups is not None:  # one cross-entropy gives both the loss and each group's share of it
+                _add_group_losses(totals[1 : 1 + 2 * n_groups], per_token, batch.targets != IGNORE_INDEX,
+                                  groups[i].to(self.device, non_blocking=True), n_groups)
             engine.backward(loss)
             totals[0] += loss.detach().double()
             if i < len(micro_batches) - 1:
@@ -368,17 +370,11 @@ class StepEngine:
         return result
 
 
-def _next_token_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """(batch, seq_len - 1) losses of predicting each next token, computed in fp32."""
-    flat = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-    return flat.view(ids.shape[0], -1)
-
-
-def _add_group_losses(out: torch.Tensor, per_token: torch.Tensor, groups: torch.Tensor, n: int) -> None:
-    """Add each sequence's mean loss to its group's sum (out[:n]) and count (out[n:])."""
-    per_sequence = per_token.mean(dim=1).double()
-    out[:n].index_add_(0, groups, per_sequence)
-    out[n:].index_add_(0, groups, torch.ones_like(per_sequence))
+def _add_group_losses(out: torch.Tensor, per_token: torch.Tensor, counted: torch.Tensor, groups: torch.Tensor,
+                      n: int) -> None:
+    """Add each row's summed loss to its group's sum (out[:n]) and its predicted tokens to the group's count (out[n:])."""
+    out[:n].index_add_(0, groups, per_token.sum(dim=1).double())
+    out[n:].index_add_(0, groups, counted.sum(dim=1).double())
 
 
 def _grad_norm(model: torch.nn.Module, device: torch.device) -> torch.Tensor:

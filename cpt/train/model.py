@@ -125,6 +125,32 @@ def enable_activation_checkpointing(model: PreTrainedModel, where: str) -> None:
     model.config.use_cache = False
 
 
+def set_attention(model: PreTrainedModel, implementation: str, where: str) -> None:
+    """Run attention through transformers' ``implementation``; every one of them keeps packed
+    documents apart when given position ids that restart at each document (document masking)."""
+    try:
+        model.set_attn_implementation(implementation)
+    except (ImportError, ValueError) as e:
+        raise CptError(f"cannot use attention {implementation!r} with {type(model).__name__}: {first_line(e)}",
+                       where) from None
+
+
+def compile_blocks(model: PreTrainedModel, where: str) -> None:
+    """Compile each transformer block with ``torch.compile``, in place (parameter names unchanged).
+
+    Blocks, not the whole model: every block of a model is the same code, so one compilation
+    serves them all, and what runs around them (masks, the chunked loss head, DeepSpeed's hooks)
+    stays eager. The blocks are the classes transformers keeps whole when it splits a model
+    (``_no_split_modules``).
+    """
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise CptError(f"{type(model).__name__} names no transformer block class to compile", where)
+    for block in blocks:
+        block.compile()
+
+
 def resize_for_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Make the model's vocabulary hold every token id, and its special ids match the tokenizer's.
 

@@ -20,23 +20,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cpt.data.blocks import TokenBatch
 from cpt.data.sampler import MixtureSampler
 
 
 @dataclass
 class Batch:
-    """One step's token ids and the domain of each of their rows, on the host (pinned on a GPU)."""
+    """One step's token rows and the domain of each row, on the host (pinned on a GPU)."""
 
-    ids: torch.Tensor  # (rows, seq_len) int64
+    tokens: TokenBatch
     domains: torch.Tensor  # (rows,) int64
     state: dict  # the sampler's state once this step is drawn
     realized: np.ndarray  # blocks drawn per domain, this step included
 
 
 class Prefetcher:
-    """Hands out the sampler's steps up to ``steps`` (exclusive), one being prepared ahead."""
+    """Hands out the sampler's steps up to ``steps`` (exclusive), one being prepared ahead;
+    ``read(step, rows)`` reads the sampler's (domain, block) rows of a step."""
 
-    def __init__(self, sampler: MixtureSampler, read: Callable[[np.ndarray], np.ndarray], steps: int, pin: bool):
+    def __init__(self, sampler: MixtureSampler, read: Callable[[int, np.ndarray], TokenBatch], steps: int, pin: bool):
         self._sampler, self._read, self._pin = sampler, read, pin
         self._state, self._realized = sampler.state_dict(), sampler.realized_blocks()
         self._queue: queue.Queue = queue.Queue(maxsize=1)
@@ -47,8 +49,11 @@ class Prefetcher:
     def _fill(self, steps: int) -> None:
         try:
             while self._sampler.step < steps and not self._closed.is_set():
+                step = self._sampler.step
                 rows = self._sampler.next_step()
-                batch = Batch(self._host(self._read(rows)), self._host(np.ascontiguousarray(rows[:, 0])),
+                tokens = self._read(step, rows)
+                batch = Batch(tokens.pin_memory() if self._pin else tokens,
+                              self._host(np.ascontiguousarray(rows[:, 0])),
                               self._sampler.state_dict(), self._sampler.realized_blocks())
                 self._put(batch)
         except BaseException as exc:  # handed to the training thread, which raises it

@@ -28,6 +28,7 @@ import yaml
 
 from cpt import dist
 from cpt.config.recipe import Recipe, dump_recipe
+from cpt.data.blocks import TokenBatch, read_rows
 from cpt.data.sampler import MixtureSampler
 from cpt.data.tokenizer import check_tokenizer_matches
 from cpt.errors import CptError
@@ -44,7 +45,14 @@ from cpt.train.export import export_hf
 from cpt.train.job import start_job
 from cpt.train.launch import distributed_context
 from cpt.train.metrics import MetricsLog, jsonable, read_metrics
-from cpt.train.model import build_model, enable_activation_checkpointing, model_config, resize_for_tokenizer
+from cpt.train.model import (
+    build_model,
+    compile_blocks,
+    enable_activation_checkpointing,
+    model_config,
+    resize_for_tokenizer,
+    set_attention,
+)
 from cpt.train.prefetch import Prefetcher
 from cpt.train.progress import Progress
 from cpt.train.schedules import lr_at
@@ -179,7 +187,7 @@ def train_stage(
     if evaluator is not None and start > 0:
         evaluator.restore_base(metrics.path)
     exported = ema.applied if ema is not None and stage.ema.export else nullcontext
-    batches = Prefetcher(sampler, lambda rows: _gather(plan, rows), steps, pin=engine.device.type == "cuda")
+    batches = Prefetcher(sampler, lambda step, rows: gather(plan, step, rows), steps, pin=engine.device.type == "cuda")
     checkpointer = Checkpointer(engine, plan, stage_dir, batches, restored, ema, exported)
     progress = Progress(stage_dir.name, steps, start, enabled=ctx.is_main, every=max(1, steps // 20))
     peak = recipe.distributed.peak_flops or local_peak_flops(engine.device, engine.precision)
@@ -193,7 +201,7 @@ def train_stage(
         for step in range(start, steps):
             started = time.perf_counter()
             batch = batches.next()
-            result = engine.train_step(list(batch.ids.split(micro)), step, groups=list(batch.domains.split(micro)),
+            result = engine.train_step(batch.tokens.split(micro), step, groups=list(batch.domains.split(micro)),
                                        n_groups=len(plan.domains), stop=stop.requested)
             if ema is not None and not result.skipped:
                 ema.update()
@@ -248,8 +256,11 @@ def _stage_engine(recipe: Recipe, plan: StagePlan, index: int, start_model) -> S
     with partitioned_building(config) as partitioned:  # ZeRO-3: no rank ever holds the whole model
         model = build_model(start_model, trust_remote_code=stage.trust_remote_code, dtype=dtype, partitioned=partitioned)
         resize_for_tokenizer(model, plan.tokenizer)
+    set_attention(model, stage.attn_implementation, f"stages.{stage.name}.attn_implementation")
     if stage.memory.activation_checkpointing:
         enable_activation_checkpointing(model, f"stages.{stage.name}.memory.activation_checkpointing")
+    if stage.compile:
+        compile_blocks(model, f"stages.{stage.name}.compile")
     return build_engine(model, recipe.distributed, stage.optimizer, lambda t: lr_at(stage.schedule, t, plan.steps),
                         micro, grad_accum, config=config)
 
@@ -274,14 +285,21 @@ def write_summary(stage_dir: Path, plan: StagePlan, train_seconds: float | None)
     write_json(stage_dir / "summary.json", jsonable(summary), indent=2, allow_nan=False)
 
 
-def _gather(plan: StagePlan, rows: np.ndarray) -> np.ndarray:
-    """This rank's (rows, seq_len) token ids, read from the domains' memory-mapped blocks."""
-    out = np.empty((len(rows), plan.stage.seq_len), dtype=np.int64)
+def gather(plan: StagePlan, step: int, rows: np.ndarray) -> TokenBatch:
+    """This rank's rows of step ``step``, read from the domains' memory-mapped blocks."""
+    shape = (len(rows), plan.stage.seq_len)
+    ids, targets = np.empty(shape, dtype=np.int64), np.empty(shape, dtype=np.int64)
+    masking = plan.stage.document_masking
+    positions = np.empty(shape, dtype=np.int64) if masking else None
     for domain_index, name in enumerate(plan.domains):
         mine = rows[:, 0] == domain_index
         if mine.any():
-            out[mine] = plan.blocks[name][rows[mine, 1]]
-    return out
+            packed, blocks = plan.read(step, name, rows[mine, 1])
+            read = read_rows(packed, blocks, masking)
+            ids[mine], targets[mine] = read[0], read[1]
+            if masking:
+                positions[mine] = read[2]
+    return TokenBatch(*(torch.from_numpy(a) if a is not None else None for a in (ids, targets, positions)))
 
 
 def _resume_argv(argv: tuple[str, ...]) -> list[str]:
