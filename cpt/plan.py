@@ -83,7 +83,11 @@ class StagePlan:
             "tokens_per_domain": self.tokens_per_domain(),
             "lr": [float(x) for x in self.lr],
             "weights": {d: [float(x) for x in self.weights[:, i]] for i, d in enumerate(self.domains)},
-        }
+        } | ({"metadata": self.metadata.tolist()} if self.conditioned() else {})
+
+    def conditioned(self) -> list[str]:
+        """The stage's domains trained with their metadata in some of its steps (MeCo)."""
+        return [d for d in self.domains if self.blocks[d].loss_mask is not None or d in self.alternate]
 
 
 def plan_recipe(recipe: Recipe) -> list[StagePlan]:

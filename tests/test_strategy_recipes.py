@@ -180,6 +180,14 @@ def _seven_b(plan, recipe):
     assert recipe.distributed.zero_stage == 3 and recipe.stage("math").memory.activation_checkpointing  # the toy keeps both
 
 
+def _meco(plan, recipe):
+    metadata, steps = plan["meco"]["metadata"], plan["meco"]["steps"]
+    conditioned = round(0.9 * steps)
+    assert metadata == [True] * conditioned + [False] * (steps - conditioned)  # 90% conditioning, 10% cooldown
+    assert recipe.stage("meco").document_masking  # MeCo keeps attention inside documents
+    assert all(d.metadata is not None for d in recipe.stage("meco").data.values())
+
+
 STRATEGY = {
     "rewarm-cosine-replay": _replay,
     "infinite-schedule": _infinite,
@@ -190,6 +198,7 @@ STRATEGY = {
     "language-adaptation": _language,
     "long-context": _long_context,
     "continue-7b-8gpu": _seven_b,
+    "meco": _meco,
 }
 
 
