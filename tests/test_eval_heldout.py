@@ -2,6 +2,7 @@
 the lockstep sharding of forward passes over ranks that it shares with the harness."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cpt.config.data import DomainConfig
 from cpt.config.tokenizer import TrainTokenizerConfig
+from cpt.data.pack import Packed
 from cpt.data.sources import iter_documents
 from cpt.data.tokenizer import train_tokenizer
 from cpt.eval.heldout import heldout_losses, heldout_sets, perplexity
@@ -23,12 +25,20 @@ def _model(vocab=97):
     return LlamaForCausalLM(cfg)
 
 
-def test_loss_is_the_mean_over_every_predicted_token():
+def packed(blocks: np.ndarray) -> Packed:
+    """Blocks of one document each (as far as document masking is concerned)."""
+    return Packed(tokens=blocks, doc_starts=np.arange(0, blocks.size, blocks.shape[1], dtype=np.uint64),
+                  loss_mask=None, entry=Path("."))
+
+
+@pytest.mark.parametrize("document_masking", [False, True])
+def test_loss_is_the_mean_over_every_predicted_token(document_masking: bool):
     model = _model()
     rng = np.random.default_rng(0)
     sets = {"a": rng.integers(0, 97, size=(7, 16)), "b": rng.integers(0, 97, size=(3, 16))}
     model.train()
-    got = heldout_losses(model, sets, batch_size=3, device=torch.device("cpu"))
+    got = heldout_losses(model, {k: packed(v) for k, v in sets.items()}, batch_size=3, device=torch.device("cpu"),
+                         document_masking=document_masking)
     assert model.training  # restored
     for name, blocks in sets.items():
         ids = torch.from_numpy(blocks)
@@ -48,7 +58,7 @@ def test_heldout_sets_are_capped_leading_blocks_of_the_heldout_split(tmp_path):
     full = heldout_sets({"prose": prose}, tok, 32, 0, tmp_path / "cache", max_tokens=10**9)["prose"]
     capped = heldout_sets({"prose": prose, "none": none}, tok, 32, 0, tmp_path / "cache", max_tokens=32 * 5)
     assert list(capped) == ["prose"]  # no held-out split, nothing to measure
-    assert len(full) > 5 and np.array_equal(capped["prose"], full[:5])
+    assert len(full) > 5 and np.array_equal(capped["prose"].tokens, full.tokens[:5])
 
 
 def test_perplexity_saturates():

@@ -15,6 +15,7 @@ import pytest
 import torch
 from scripts import tiny
 
+from cpt.data.blocks import TokenBatch
 from cpt.data.sampler import MixtureSampler
 from cpt.train.metrics import read_metrics, train_records
 from cpt.train.model import build_model, enable_activation_checkpointing
@@ -92,29 +93,37 @@ def _sampler(step: int = 0) -> MixtureSampler:
 def test_prefetch_hands_out_the_sampler_steps_and_their_state():
     direct = _sampler()
     expected = [direct.next_step() for _ in range(6)]
-    fetched = Prefetcher(_sampler(), lambda rows: rows * 10, 6, pin=False)
+    seen = []
+
+    def read(step, rows):
+        seen.append(step)
+        return TokenBatch.plain(torch.from_numpy(rows * 10))
+
+    fetched = Prefetcher(_sampler(), read, 6, pin=False)
     for step, rows in enumerate(expected):
         batch = fetched.next()
-        assert torch.equal(batch.ids, torch.from_numpy(rows * 10)) and torch.equal(batch.domains, torch.from_numpy(rows[:, 0]))
+        assert torch.equal(batch.tokens.ids, torch.from_numpy(rows * 10))
+        assert torch.equal(batch.domains, torch.from_numpy(rows[:, 0]))
         assert fetched.state_dict() == _sampler(step + 1).state_dict()  # not the sampler's, which runs ahead
         assert (fetched.realized_blocks() == _sampler(step + 1).realized_blocks()).all()
     fetched.close()
+    assert seen == list(range(6))  # each step read with its own index (MeCo phases read by step)
     resumed = _sampler()
     resumed.load_state_dict(_sampler(3).state_dict())
-    again = Prefetcher(resumed, lambda rows: rows, 6, pin=False)
-    assert [again.next().ids.tolist() for _ in range(3)] == [r.tolist() for r in expected[3:]]
+    again = Prefetcher(resumed, lambda step, rows: TokenBatch.plain(torch.from_numpy(rows)), 6, pin=False)
+    assert [again.next().tokens.ids.tolist() for _ in range(3)] == [r.tolist() for r in expected[3:]]
     again.close()
 
 
 def test_prefetch_raises_the_readers_error_in_the_training_thread():
-    def broken(rows):
+    def broken(step, rows):
         raise OSError("disk gone")
 
     fetched = Prefetcher(_sampler(), broken, 4, pin=False)
     with pytest.raises(OSError, match="disk gone"):
         fetched.next()
     fetched.close()
-    idle = Prefetcher(_sampler(), lambda rows: rows, 4, pin=False)
+    idle = Prefetcher(_sampler(), lambda step, rows: TokenBatch.plain(torch.from_numpy(rows)), 4, pin=False)
     idle.close()  # a thread blocked on a full queue still ends
 
 

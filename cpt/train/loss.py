@@ -58,8 +58,8 @@ def linear_cross_entropy(
     predicted tokens taken at once (default: :func:`default_chunk_tokens`).
 
     Returns (loss, per_token): the 0-dim fp32 loss, differentiable, and the (N,) fp32 losses of
-    each token, detached, 0 where ignored. The loss's graph holds the finished gradients, so its
-    backward may run once (``retain_graph`` is refused).
+    each token, detached, 0 where ignored. The loss's graph holds the finished gradients and hands
+    them over, so it can be backpropagated once (a second backward after ``retain_graph`` raises).
     """
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], weight.device)
     inputs = (hidden, weight, bias)
