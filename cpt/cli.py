@@ -158,6 +158,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
             available = len(plan.blocks[domain]) * stage.seq_len
             first, last = plan.weights[0, i], plan.weights[-1, i]
             print(f"  {domain:<16}{first:>10.3f} -> {last:<7.3f}{tokens:>16,}{available:>14,}{epochs[domain]:>8.2f}")
+        if plan.conditioned():
+            on = int(plan.metadata.sum())
+            print(f"  metadata ({', '.join(plan.conditioned())}): on for {on:,} steps, off for {plan.steps - on:,} "
+                  "(plain text)")
+        if stage.document_masking:
+            print(f"  document masking: on ({stage.attn_implementation})")
     if args.png:
         print(f"wrote {args.png}")
     return 0
