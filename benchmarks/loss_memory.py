@@ -11,14 +11,21 @@ output layer's weight out. Two variants:
 
 Figures:
 
-- ``chunked_ce_peak_over_full``: the memory the loss adds on top of the weight, the hidden states
-  and their gradients, chunked over full. Each variant runs in a fresh process that first warms
-  its kernels up on a tiny shape, then allocates all four tensors (gradients as zeros, everything
-  filled in place, so setup has no transient above its resident size), and records its resident
-  memory; the figure is the kernel's high-water mark (``ru_maxrss``) after one forward and
-  backward, minus that baseline;
+- ``chunked_ce_peak_over_full``: the memory the loss adds above the output layer's weight and its
+  gradient (and the hidden states and theirs), chunked over full. Each variant runs in a fresh
+  process that first warms its kernels up on a tiny shape, then allocates the weight, hidden
+  states and targets (filled in place, so setup has no transient above its resident size) and
+  records its resident memory; the figure is the process's high-water mark (``ru_maxrss``) after
+  one forward and backward, minus that baseline, minus the two gradients that the run leaves in
+  ``.grad`` (the first backward of a step creates them, as training's does). The chunked loss
+  makes the weight's gradient in its forward pass and hands that very tensor to autograd, which
+  keeps it as ``.grad``; were it copied instead, the copy would show here;
 - ``chunked_ce_time_over_full``: median wall time of forward and backward, chunked over full,
-  both measured in one process, alternating, after one untimed run of each.
+  both measured in one process, alternating, after one untimed run of each;
+- ``compiled_step_over_eager``: seconds per optimizer step of the quickstart model (cpt's ZeRO-0
+  engine, one process, fp32, 16 x 128 tokens, document masking) with ``stages[].compile`` (each
+  block compiled by inductor) over eager, the best of interleaved rounds after warm-up steps that
+  include the compilation. Above 1 means compiling made the step slower.
 
     python benchmarks/loss_memory.py [--quick] [--repeats 3] [--chunk-tokens N]
 
@@ -42,7 +49,8 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from cpt.train.loss import default_chunk_tokens, linear_cross_entropy  # noqa: E402
 
 SHAPE = {"vocab": 128256, "hidden": 2048, "tokens": 2048}
@@ -58,17 +66,17 @@ def use_all_cores() -> int:
 
 
 def tensors(shape: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weight and hidden states (gradients preallocated as zeros) and targets, filled in place."""
+    """Weight, hidden states (no gradients yet) and targets, filled in place."""
     g = torch.Generator().manual_seed(0)
     weight = torch.empty(shape["vocab"], shape["hidden"]).normal_(0, 0.02, generator=g).requires_grad_()
     hidden = torch.empty(shape["tokens"], shape["hidden"]).normal_(generator=g).requires_grad_()
-    weight.grad, hidden.grad = torch.zeros_like(weight), torch.zeros_like(hidden)
     targets = torch.randint(0, shape["vocab"], (shape["tokens"],), generator=g)
     return weight, hidden, targets
 
 
 def run(variant: str, weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, chunk: int | None) -> None:
-    """One forward and backward of the mean loss over the tokens; gradients add into ``.grad``."""
+    """One forward and backward of the mean loss over the tokens; gradients go to ``.grad`` (created
+    by the first run, added into by the next, as in training)."""
     if variant == "full":
         loss = F.cross_entropy(hidden @ weight.T, targets)
     else:
@@ -86,7 +94,8 @@ def peak_in_this_process(variant: str, shape: dict, chunk: int | None) -> dict:
     baseline_hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     run(variant, weight, hidden, targets, chunk)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"baseline": baseline, "baseline_hwm": baseline_hwm, "peak": peak}
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in (weight, hidden))
+    return {"baseline": baseline, "baseline_hwm": baseline_hwm, "peak": peak, "grads": grads}
 
 
 def measure_loss_memory(shape: dict = SHAPE, chunk: int | None = None) -> dict:
@@ -99,7 +108,7 @@ def measure_loss_memory(shape: dict = SHAPE, chunk: int | None = None) -> dict:
         out = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         if out["peak"] <= out["baseline_hwm"]:
             raise RuntimeError(f"{variant}: the run stayed below setup's high-water mark, its peak is unknown: {out}")
-        added[variant] = (out["peak"] - out["baseline"]) / MiB
+        added[variant] = (out["peak"] - out["baseline"] - out["grads"]) / MiB
         added[f"{variant}_setup"] = out["baseline"] / MiB, (out["baseline_hwm"] - out["baseline"]) / MiB
     return {
         "chunked_ce_peak_over_full": round(added["chunked"] / added["full"], 3),
@@ -136,6 +145,54 @@ def measure_loss_time(shape: dict = SHAPE, chunk: int | None = None, repeats: in
     }
 
 
+def measure_compiled_step(steps: int = 10, rounds: int = 3, warmup: int = 3) -> dict:
+    """Seconds per optimizer step of the quickstart model (ZeRO-0 engine, one process, fp32, seq 128,
+    batch 16, document masking) with its blocks compiled and eager, in interleaved rounds."""
+    import yaml
+
+    from cpt.config.training import DistributedConfig, OptimizerConfig
+    from cpt.data.blocks import TokenBatch
+    from cpt.train.engine import build_engine
+    from cpt.train.model import build_model, compile_blocks
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())["stages"][0]
+    config = dict(recipe["model"]["config"], vocab_size=recipe["tokenizer"]["train"]["vocab_size"])
+    seq_len, batch = recipe["seq_len"], recipe["batch"]["micro_batch_size"]
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for _ in range(steps + warmup):
+        ids = torch.randint(0, config["vocab_size"], (batch, seq_len), generator=g)
+        positions = torch.arange(seq_len).remainder(40).expand(batch, -1).contiguous()  # documents of 40 tokens
+        data.append(TokenBatch(ids, TokenBatch.plain(ids).targets, positions))
+
+    def engine(compiled: bool):
+        torch.manual_seed(0)
+        model = build_model({"config": config})
+        if compiled:
+            compile_blocks(model, "benchmark")
+        return build_engine(model, DistributedConfig(), OptimizerConfig(), lambda t: 1e-3, batch, 1)
+
+    def timed(trainer) -> float:
+        for t, tokens in enumerate(data[:warmup]):
+            trainer.train_step([tokens], t)
+        started = time.perf_counter()
+        for t, tokens in enumerate(data[warmup:]):
+            trainer.train_step([tokens], t).loss  # reading the loss waits for the step
+        return (time.perf_counter() - started) / steps
+
+    eager, compiled = engine(False), engine(True)
+    seconds = {"eager": [], "compiled": []}
+    for _ in range(rounds):
+        seconds["eager"].append(timed(eager))
+        seconds["compiled"].append(timed(compiled))
+    best = {k: min(v) for k, v in seconds.items()}
+    return {
+        "compiled_step_over_eager": round(best["compiled"] / best["eager"], 3),
+        "eager_step_s": round(best["eager"], 4),
+        "compiled_step_s": round(best["compiled"], 4),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"a small smoke shape {QUICK_SHAPE}")
@@ -151,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     shape = QUICK_SHAPE if args.quick else SHAPE
     chunk = args.chunk_tokens or default_chunk_tokens(shape["vocab"], torch.device("cpu"))
     figures = {**measure_loss_memory(shape, chunk), **measure_loss_time(shape, chunk, args.repeats),
-               **shape, "chunk_tokens": chunk}
+               **shape, "chunk_tokens": chunk, **measure_compiled_step(steps=3 if args.quick else 10)}
     print(f"loss of {shape['tokens']} tokens, vocabulary {shape['vocab']}, hidden {shape['hidden']}, fp32, "
           f"{figures['threads']} threads, {chunk} tokens per chunk")
     rows = [("full", figures["full_added_mib"], figures["full_s"]),
@@ -160,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'':<14}{'added peak MiB':>16}{'median s':>10}")
     for name, mib, seconds in rows:
         print(f"{name:<14}{mib:>16.4g}{seconds:>10.4g}")
+    print(f"quickstart step, compiled blocks: {figures['compiled_step_s']:.3f} s, eager {figures['eager_step_s']:.3f} s "
+          f"(compiled/eager {figures['compiled_step_over_eager']:.3f}; above 1 is slower)")
     print(json.dumps(figures))
     return figures
 

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from cpt.data.pack import Packed
-
-IGNORE_INDEX = -100
+from cpt.train.loss import IGNORE_INDEX
 
 
 @dataclass

@@ -26,9 +26,10 @@ import torch
 
 from cpt import dist
 from cpt.config.training import DistributedConfig, OptimizerConfig
-from cpt.data.blocks import IGNORE_INDEX, TokenBatch
+from cpt.data.blocks import TokenBatch
 from cpt.errors import CptError
 from cpt.train.head import ChunkedHead, causal_lm_loss
+from cpt.train.loss import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine

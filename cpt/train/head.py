@@ -22,8 +22,8 @@ from typing import Iterator
 
 import torch
 
-from cpt.data.blocks import IGNORE_INDEX, TokenBatch
-from cpt.train.loss import linear_cross_entropy
+from cpt.data.blocks import TokenBatch
+from cpt.train.loss import IGNORE_INDEX, linear_cross_entropy
 
 log = logging.getLogger(__name__)
 

@@ -21,24 +21,29 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # a target that is not predicted (PyTorch's and transformers' convention)
 
-# Bytes of one chunk's fp32 logits when ``chunk_tokens`` is not given. On the CPU 64 MiB keeps the
-# loss's memory small at no cost in speed (benchmarks/loss_memory.py). On an accelerator every
-# chunk also reads and writes the whole fp32 weight gradient once, which at ~130 tokens per chunk
-# (a 128k vocabulary) would cost more time than its matmuls: 1 GiB keeps those compute-bound (an
-# estimate from an H100's bandwidth and FLOP/s, not a measurement).
+# Bytes of one chunk's fp32 logits when ``chunk_tokens`` is not given, and the fewest tokens a
+# chunk takes whatever the vocabulary. On the CPU narrower matmuls run markedly slower: at a 128k
+# vocabulary (the shape of benchmarks/loss_memory.py, 2 cores) forward and backward took 1.29x
+# the time of full logits with 128-token chunks (64 MiB), 1.02-1.20x with 256 and 1.04x with 512,
+# while the memory the loss adds went from 0.36x that of full logits to 0.39x at 256 tokens. On an
+# accelerator every chunk also reads and writes the whole fp32 weight gradient once, which with a
+# few hundred tokens per chunk would cost more time than the chunk's matmuls: 1 GiB keeps those
+# compute-bound (an estimate from an H100's bandwidth and FLOP/s, not a measurement).
 CPU_LOGITS_BUDGET = 64 * 2**20
 ACCELERATOR_LOGITS_BUDGET = 2**30
+MIN_CHUNK_TOKENS = 256
 
 # CUDA GEMMs of 16-bit operands with an fp32 result, added in place (PyTorch pull 150812).
 _FP32_OUT_GEMM = hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
 def default_chunk_tokens(vocab_size: int, device: torch.device) -> int:
-    """Tokens per chunk whose fp32 logits fit the device's budget (at least one)."""
+    """Tokens per chunk: as many as the device's budget of fp32 logits holds, at least
+    :data:`MIN_CHUNK_TOKENS` (at a 128k vocabulary: 256 on the CPU, 2092 on an accelerator)."""
     budget = CPU_LOGITS_BUDGET if device.type == "cpu" else ACCELERATOR_LOGITS_BUDGET
-    return max(1, budget // (4 * vocab_size))
+    return max(MIN_CHUNK_TOKENS, budget // (4 * vocab_size))
 
 
 def linear_cross_entropy(
