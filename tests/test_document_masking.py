@@ -50,12 +50,9 @@ def attention_backends() -> list[str]:
 
 
 def tiny_model(arch: str, attention: str) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny.ARCHS[arch]))
     try:
-        set_attention(model, attention, "test")
+        model = tiny_model_unchecked(arch, attention)
     except CptError as exc:  # e.g. GPT-2 has no flex_attention: refused in one line, as a recipe would be
         assert exc.message.startswith(f"cannot use attention '{attention}'")
         pytest.skip(exc.message)
@@ -114,3 +111,23 @@ def test_positions_restart_and_boundary_targets_are_ignored(packed):
             assert (targets[r, t] == IGNORE_INDEX) == last
             if not last:
                 assert targets[r, t] == ids[r, t + 1]
+
+
+def test_an_attention_backend_that_is_not_installed_is_one_error_line():
+    try:
+        import flash_attn  # noqa: F401
+
+        pytest.skip("flash-attn is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(CptError, match="cannot use attention 'flash_attention_2' with LlamaForCausalLM") as err:
+        tiny_model_unchecked("llama", "flash_attention_2")
+    assert err.value.where == "test" and "\n" not in err.value.message
+
+
+def tiny_model_unchecked(arch: str, attention: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny.ARCHS[arch]))
+    set_attention(model, attention, "test")
+    return model
