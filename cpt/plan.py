@@ -72,8 +72,14 @@ class StagePlan:
 
     def data_pins(self) -> dict[str, dict]:
         """What a checkpoint's data position indexes, per domain: the block cache entry (named by
-        the hash of the documents, the tokenizer, seq_len and the format) and its block count."""
-        return {d: {"fingerprint": self.blocks[d].entry.name, "blocks": len(self.blocks[d])} for d in self.domains}
+        the hash of the documents, the tokenizer, seq_len, the variant and the format) and its block
+        count; a domain's plain variant read in MeCo's cooldown too, as ``<domain>/plain``."""
+        splits = {**self.blocks, **{f"{d}/plain": packed for d, packed in self.alternate.items()}}
+        return {d: {"fingerprint": packed.entry.name, "blocks": len(packed)} for d, packed in splits.items()}
+
+    def former_pins(self) -> dict[str, tuple[str, ...]]:
+        """Other names of the pinned entries that index the same blocks (:meth:`Packed.former_names`)."""
+        return {d: packed.former_names() for d, packed in self.blocks.items()}
 
     def to_json(self) -> dict:
         return {

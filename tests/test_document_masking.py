@@ -131,3 +131,34 @@ def tiny_model_unchecked(arch: str, attention: str) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny.ARCHS[arch]))
     set_attention(model, attention, "test")
     return model
+
+
+def test_one_row_of_blocks_end_to_end_scores_as_the_batch(packed, monkeypatch: pytest.MonkeyPatch):
+    """flash_attention_2 sees packed documents in a batch of one row only: the rows run end to end."""
+    import cpt.train.head as head_module
+
+    model = tiny_model("llama", "sdpa")
+    batch = TokenBatch(*(torch.from_numpy(a) for a in read_rows(packed, np.arange(4), document_masking=True)))
+    with torch.no_grad():
+        loss, per_token = causal_lm_loss(model, ChunkedHead.of(model), batch, batch.n_targets())
+        monkeypatch.setattr(head_module, "_varlen_only_in_one_row", lambda model: True)
+        row_loss, row_per_token = causal_lm_loss(model, ChunkedHead.of(model), batch, batch.n_targets())
+    assert row_per_token.shape == per_token.shape
+    assert torch.allclose(row_per_token, per_token, atol=1e-5) and row_loss.item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_a_model_that_changes_its_head_output_falls_back_to_full_logits(packed):
+    model = tiny_model("llama", "sdpa")
+
+    def doubled(module, args, output):  # as a logit multiplier that transformers' config does not name
+        output.logits = output.logits * 2
+        return output
+
+    model.register_forward_hook(doubled)
+    batch = TokenBatch(*(torch.from_numpy(a) for a in read_rows(packed, np.arange(2), document_masking=True)))
+    with torch.no_grad():
+        loss, _ = causal_lm_loss(model, ChunkedHead.of(model), batch, batch.n_targets())
+        logits = model(input_ids=batch.ids, position_ids=batch.positions, use_cache=False).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert ChunkedHead.of(model) is None  # from now on the model's own logits

@@ -25,20 +25,33 @@ def _model(vocab=97):
     return LlamaForCausalLM(cfg)
 
 
-def packed(blocks: np.ndarray) -> Packed:
-    """Blocks of one document each (as far as document masking is concerned)."""
-    return Packed(tokens=blocks, doc_starts=np.arange(0, blocks.size, blocks.shape[1], dtype=np.uint64),
+def packed(blocks: np.ndarray, document: int) -> Packed:
+    """Blocks whose documents are ``document`` tokens long."""
+    return Packed(tokens=blocks, doc_starts=np.arange(0, blocks.size, document, dtype=np.uint64),
                   loss_mask=None, entry=Path("."))
 
 
-@pytest.mark.parametrize("document_masking", [False, True])
-def test_loss_is_the_mean_over_every_predicted_token(document_masking: bool):
+def test_with_document_masking_each_document_is_scored_alone():
+    model = _model().eval()
+    blocks = np.random.default_rng(1).integers(0, 97, size=(5, 16))
+    got = heldout_losses(model, {"a": packed(blocks, 4)}, batch_size=2, device=torch.device("cpu"),
+                         document_masking=True)["a"]
+    pieces = torch.from_numpy(blocks).reshape(-1, 4)  # every 4-token document on its own
+    with torch.no_grad():
+        logits = model(input_ids=pieces).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), pieces[:, 1:].reshape(-1)).item()
+    assert got == pytest.approx(expected, rel=1e-6)
+    plain = heldout_losses(model, {"a": packed(blocks, 4)}, batch_size=2, device=torch.device("cpu"))["a"]
+    assert abs(plain - got) > 1e-4
+
+
+def test_loss_is_the_mean_over_every_predicted_token():
     model = _model()
     rng = np.random.default_rng(0)
     sets = {"a": rng.integers(0, 97, size=(7, 16)), "b": rng.integers(0, 97, size=(3, 16))}
     model.train()
-    got = heldout_losses(model, {k: packed(v) for k, v in sets.items()}, batch_size=3, device=torch.device("cpu"),
-                         document_masking=document_masking)
+    got = heldout_losses(model, {k: packed(v, 16) for k, v in sets.items()}, batch_size=3,
+                         device=torch.device("cpu"))
     assert model.training  # restored
     for name, blocks in sets.items():
         ids = torch.from_numpy(blocks)

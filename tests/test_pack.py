@@ -231,3 +231,17 @@ def test_an_entry_of_the_first_format_is_never_read(corpus: DomainConfig, tok, t
     assert np.array_equal(load_blocks(corpus, "train", tok, SEQ, 0, tmp_path), first)
     assert "of format 1" in caplog.text
     assert '"format": 1' not in (entry / "meta.json").read_text()
+
+
+def test_the_plain_entry_knows_its_name_under_the_first_format(corpus: DomainConfig, tok, tmp_path: Path):
+    """A checkpoint of a run from before format 2 pinned that name; the tokens are the same, so it resumes."""
+    import hashlib
+
+    from cpt.data.sources import fingerprint
+    from cpt.data.tokenizer import tokenizer_fingerprint
+
+    key = json.dumps([fingerprint(corpus, 0), tokenizer_fingerprint(tok), SEQ, "train", 1])  # format 1's key
+    assert load_packed(corpus, "train", tok, SEQ, 0, tmp_path).former_names() == (
+        f"train-{hashlib.sha256(key.encode()).hexdigest()[:20]}",
+    )
+    assert load_packed(tagged_corpus(tmp_path), "train", tok, SEQ, 0, tmp_path, metadata=True).former_names() == ()

@@ -47,6 +47,12 @@ class TokenBatch:
         pin = lambda t: t.pin_memory() if t is not None else None  # noqa: E731
         return TokenBatch(pin(self.ids), pin(self.targets), pin(self.positions))
 
+    def as_one_row(self) -> TokenBatch:
+        """The rows end to end as one (1, rows * seq_len) row: positions restart at every row, so its
+        rows stay apart under document masking, and a row's last target is already ignored."""
+        flat = [t.reshape(1, -1) if t is not None else None for t in (self.ids, self.targets, self.positions)]
+        return TokenBatch(*flat)
+
     def n_targets(self) -> int:
         """Predicted tokens (on the host: no device synchronisation)."""
         return int((self.targets != IGNORE_INDEX).sum())

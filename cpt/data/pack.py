@@ -79,9 +79,19 @@ class Packed:
     doc_starts: np.ndarray  # (n_starts,) uint64 offsets into tokens.reshape(-1)
     loss_mask: np.memmap | None  # (n_blocks, seq_len) uint8, 1 = a target; None: every token is one
     entry: Path
+    stats: BlockStats | None = None  # None: blocks made in memory (tests, benchmarks)
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def former_names(self) -> tuple[str, ...]:
+        """Names the same tokens had under earlier formats: format 1 held the plain variant's tokens
+        exactly as format 2 does, so a checkpoint that pinned that entry indexes these blocks."""
+        stats = self.stats
+        if stats is None or stats.metadata_fingerprint is not None:
+            return ()
+        key = json.dumps([stats.domain_fingerprint, stats.tokenizer_fingerprint, stats.seq_len, stats.split, 1])
+        return (f"{stats.split}-{hashlib.sha256(key.encode()).hexdigest()[:20]}",)
 
     @property
     def seq_len(self) -> int:
@@ -112,6 +122,7 @@ def load_packed(
         loss_mask=np.memmap(entry / "loss_mask.bin", dtype=np.uint8, mode="r", shape=shape)
         if stats.n_masked is not None else None,
         entry=entry,
+        stats=stats,
     )
 
 

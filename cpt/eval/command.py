@@ -83,7 +83,8 @@ def evaluate_model(model_dir: str, recipe, stage_name: str | None, tasks: list[s
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=stage.trust_remote_code)
     except OSError as exc:
         raise CptError(f"cannot load a model from {model_dir}: {first_line(exc)}", "eval") from None
-    set_attention(model, stage.attn_implementation, f"stages.{stage.name}.attn_implementation")
+    set_attention(model, stage.attn_implementation, f"stages.{stage.name}.attn_implementation",
+                  asked="attn_implementation" in stage.model_fields_set)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     cfg, cache = stage.evaluation, recipe.resolved_cache_dir()

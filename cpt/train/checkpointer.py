@@ -46,12 +46,12 @@ def restore(engine: StepEngine, plan: StagePlan, root: Path, resume: bool, fork:
     """Load the stage's latest checkpoint (``resume``) or the fork's, checking the data they index."""
     latest = checkpoint.latest(root) if resume else None
     if latest is not None:
-        check_data(checkpoint.read_meta(latest).get("data"), plan.data_pins(), latest, set(plan.domains))
+        check_data(checkpoint.read_meta(latest).get("data"), plan, latest, set(plan.domains))
         state = checkpoint.load(engine, latest)
         return Restored(int(state["step"]), state["sampler"], state.get("offsets"), latest)
     if fork is None:
         return Restored()
-    check_data(checkpoint.read_meta(fork.checkpoint).get("data"), plan.data_pins(), fork.checkpoint,
+    check_data(checkpoint.read_meta(fork.checkpoint).get("data"), plan, fork.checkpoint,
                set(plan.domains) & set(fork.domains))
     parent = checkpoint.load(engine, fork.checkpoint)
     counts = dict(zip(fork.domains, parent["sampler"]["counts"]))
@@ -59,15 +59,17 @@ def restore(engine: StepEngine, plan: StagePlan, root: Path, resume: bool, fork:
     return Restored(offsets=[counts.get(d, 0) for d in plan.domains], source=fork.checkpoint)
 
 
-def check_data(saved: dict[str, dict] | None, current: dict[str, dict], where: Path, domains: set[str]) -> None:
-    """Refuse to continue a checkpoint's data position on data other than the one it indexes."""
+def check_data(saved: dict[str, dict] | None, plan: StagePlan, where: Path, domains: set[str]) -> None:
+    """Refuse to continue a checkpoint's data position on data other than the one it indexes (the
+    same blocks under an earlier cache format's name are the same data)."""
     if saved is None:
         raise CptError("the checkpoint does not record the data it was trained on; start the stage anew", str(where))
-    for name in sorted(domains):
+    current, former = plan.data_pins(), plan.former_pins()
+    for name in sorted(key for key in current if key.split("/")[0] in domains):
         was, now = saved.get(name), current[name]
         if was is None:
             raise CptError(f"data.{name}: not part of the checkpointed run", str(where))
-        if was != now:
+        if was != now and not (was["blocks"] == now["blocks"] and was["fingerprint"] in former.get(name, ())):
             raise CptError(
                 f"data.{name}: the data changed since the checkpoint (fingerprint {was['fingerprint']}, "
                 f"{was['blocks']} blocks; now {now['fingerprint']}, {now['blocks']} blocks); restore the data "

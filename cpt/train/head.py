@@ -27,8 +27,9 @@ from cpt.train.loss import IGNORE_INDEX, linear_cross_entropy
 
 log = logging.getLogger(__name__)
 
-# Config fields of architectures whose forward changes the logits after the output layer.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# Config fields of architectures whose forward changes the logits after the output layer. Others
+# that do are found at their first armed call (the model's output is not what the layer returned).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 class ChunkedHead:
@@ -39,16 +40,19 @@ class ChunkedHead:
         self._plain = self.layer.forward
         self._job: tuple[torch.Tensor, float] | None = None
         self.per_token: torch.Tensor | None = None
+        self.returned: torch.Tensor | None = None
+        self.active, self.verified = True, False
         self.layer.forward = self._forward
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ChunkedHead | None:
         """The head installed on ``model``'s output layer, installed now if need be; None where the
         loss must come from full logits."""
-        installed = getattr(model.get_output_embeddings().forward, "__self__", None)
-        if isinstance(installed, cls):
-            return installed
-        return cls(model) if cls.supported(model) else None
+        layer = model.get_output_embeddings()
+        if not hasattr(layer, "_cpt_head"):
+            layer._cpt_head = cls(model) if cls.supported(model) else None
+        head = layer._cpt_head
+        return head if head is not None and head.active else None
 
     @staticmethod
     def supported(model: torch.nn.Module) -> bool:
@@ -61,11 +65,25 @@ class ChunkedHead:
 
     @contextmanager
     def armed(self, targets: torch.Tensor, scale: float) -> Iterator[None]:
-        self._job, self.per_token = (targets, scale), None
+        self._job, self.per_token, self.returned = (targets, scale), None, None
         try:
             yield
         finally:
             self._job = None
+
+    def passed_through(self, out: torch.Tensor) -> bool:
+        """Whether the model returned the loss as the layer made it. Checked by value once (one host
+        synchronisation): hooks may wrap the tensor (ZeRO-3's does) without changing it."""
+        if not self.verified:
+            self.verified = out.shape == self.returned.shape and bool(torch.equal(out.detach(), self.returned.detach()))
+        return self.verified
+
+    def remove(self, model: torch.nn.Module) -> None:
+        """Give the layer its own forward back, for a model whose forward changes what the layer
+        returns (a logit scale or soft-capping that :data:`_LOGIT_TRANSFORMS` does not name)."""
+        log.warning("%s changes its output layer's result: the loss is taken from full logits from now on",
+                    type(model).__name__)
+        self.layer.forward, self.active = self._plain, False
 
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._job is None:
@@ -75,8 +93,15 @@ class ChunkedHead:
         loss, per_token = linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), self.layer.weight, targets.reshape(-1), scale, self.layer.bias
         )
-        self.per_token = per_token.view(targets.shape)
+        self.per_token, self.returned = per_token.view(targets.shape), loss
         return loss
+
+
+def _varlen_only_in_one_row(model: torch.nn.Module) -> bool:
+    """Whether the model's attention keeps packed documents apart only in a batch of one row:
+    transformers' flash-attention path reads packed sequences from position ids at batch size 1."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "_attn_implementation", None) == "flash_attention_2"
 
 
 def causal_lm_loss(
@@ -88,14 +113,19 @@ def causal_lm_loss(
     installed :class:`ChunkedHead`, or None to take the loss from full logits. ``n_targets`` is
     ``batch.n_targets()``, counted on the host before the batch moved to the device.
     """
+    if batch.positions is not None and batch.ids.shape[0] > 1 and _varlen_only_in_one_row(model):
+        loss, per_token = causal_lm_loss(model, head, batch.as_one_row(), n_targets)
+        return loss, per_token.view(batch.targets.shape)
     scale = 1.0 / max(n_targets, 1)
     inputs = {"input_ids": batch.ids, "use_cache": False}
     if batch.positions is not None:
         inputs["position_ids"] = batch.positions
-    if head is not None:
+    if head is not None and head.active:
         with head.armed(batch.targets, scale):
-            loss = model(**inputs).logits
-        return loss, head.per_token
+            out = model(**inputs).logits
+        if head.passed_through(out):
+            return out, head.per_token
+        head.remove(model)  # the model changed the head's output: its loss must come from whole logits
     logits = model(**inputs).logits
     per_token = torch.nn.functional.cross_entropy(
         logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"

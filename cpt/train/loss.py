@@ -19,6 +19,8 @@ than a fused kernel could save over the three matmuls done here.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 IGNORE_INDEX = -100  # a target that is not predicted (PyTorch's and transformers' convention)
@@ -26,8 +28,8 @@ IGNORE_INDEX = -100  # a target that is not predicted (PyTorch's and transformer
 # Bytes of one chunk's fp32 logits when ``chunk_tokens`` is not given, and the fewest tokens a
 # chunk takes whatever the vocabulary. On the CPU narrower matmuls run markedly slower: at a 128k
 # vocabulary (the shape of benchmarks/loss_memory.py, 2 cores) forward and backward took 1.29x
-# the time of full logits with 128-token chunks (64 MiB), 1.02-1.20x with 256 and 1.04x with 512,
-# while the memory the loss adds went from 0.36x that of full logits to 0.39x at 256 tokens. On an
+# the time of full logits with 128-token chunks (64 MiB), 1.02-1.20x with 256 and 1.04x with 512;
+# with 256 tokens (128 MiB) the loss adds 0.07x the memory of full logits. On an
 # accelerator every chunk also reads and writes the whole fp32 weight gradient once, which with a
 # few hundred tokens per chunk would cost more time than the chunk's matmuls: 1 GiB keeps those
 # compute-bound (an estimate from an H100's bandwidth and FLOP/s, not a measurement).
@@ -35,7 +37,8 @@ CPU_LOGITS_BUDGET = 64 * 2**20
 ACCELERATOR_LOGITS_BUDGET = 2**30
 MIN_CHUNK_TOKENS = 256
 
-# CUDA GEMMs of 16-bit operands with an fp32 result, added in place (PyTorch pull 150812).
+# CUDA GEMMs of 16-bit operands with an fp32 result, added in place (PyTorch pull 150812); whether
+# a release accepts an fp32 accumulator with 16-bit operands is probed once (_fp32_out_gemm).
 _FP32_OUT_GEMM = hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
@@ -80,8 +83,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, scale, chunk):
         wants = tuple(ctx.needs_input_grad[:3])
-        per_token, ctx.grads = _chunked_pass(hidden, weight, bias, targets, scale, chunk, wants)
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in (hidden, weight, bias))
+        per_token, grads = _chunked_pass(hidden, weight, bias, targets, scale, chunk, wants)
+        # kept in the inputs' dtypes until the backward: a 16-bit weight's fp32 accumulator goes now
+        ctx.grads = [None if g is None else g.to(t.dtype) for g, t in zip(grads, (hidden, weight, bias))]
         ctx.mark_non_differentiable(per_token)
         return per_token.sum() * scale, per_token
 
@@ -90,7 +94,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("linear_cross_entropy: its backward can run only once (no retain_graph)")
         grads, ctx.grads = ctx.grads, None  # scaled in place below: a second use would be wrong
-        scaled = [None if g is None else g.mul_(grad_loss).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
         return *scaled, None, None, None
 
 
@@ -140,7 +144,22 @@ def _add_transposed_product(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.T
     A 16-bit output layer on CUDA multiplies in its dtype straight into fp32 (tensor cores); the
     CPU and fp32 layers multiply in fp32, which costs only chunk-sized casts.
     """
-    if acc.is_cuda and dtype in (torch.bfloat16, torch.float16) and _FP32_OUT_GEMM:
+    if acc.is_cuda and dtype in (torch.bfloat16, torch.float16) and _fp32_out_gemm(acc.device, dtype):
         torch.addmm(acc, dlogits.T.to(dtype), h.to(dtype), out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(dlogits.T, h.float())
+
+
+@functools.cache
+def _fp32_out_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this PyTorch multiplies ``dtype`` operands into an fp32 accumulator in place on ``device``
+    (releases differ in the dtypes they accept); else the product is taken in fp32."""
+    if not _FP32_OUT_GEMM:
+        return False
+    acc = torch.zeros(2, 2, device=device)
+    operand = torch.ones(2, 2, device=device, dtype=dtype)
+    try:
+        torch.addmm(acc, operand, operand, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return bool(acc.eq(2).all())

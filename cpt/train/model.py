@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,8 @@ import torch
 from cpt.errors import CptError, first_line
 from cpt.paths import local_dir
 from cpt.train.partitioned import load_partitions, match_names, read_index, safetensors_files
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -125,12 +128,20 @@ def enable_activation_checkpointing(model: PreTrainedModel, where: str) -> None:
     model.config.use_cache = False
 
 
-def set_attention(model: PreTrainedModel, implementation: str, where: str) -> None:
+def set_attention(model: PreTrainedModel, implementation: str, where: str, asked: bool = True) -> None:
     """Run attention through transformers' ``implementation``; every one of them keeps packed
-    documents apart when given position ids that restart at each document (document masking)."""
+    documents apart when given position ids that restart at each document (document masking).
+
+    A backend the recipe ``asked`` for and the model cannot use is an error; the default one is
+    only preferred: a model without it (custom code) keeps its own.
+    """
     try:
         model.set_attn_implementation(implementation)
     except (ImportError, ValueError) as e:
+        if not asked:
+            log.warning("%s keeps its own attention (%s): %s", type(model).__name__,
+                        getattr(model.config, "_attn_implementation", None), first_line(e))
+            return
         raise CptError(f"cannot use attention {implementation!r} with {type(model).__name__}: {first_line(e)}",
                        where) from None
 

@@ -256,7 +256,8 @@ def _stage_engine(recipe: Recipe, plan: StagePlan, index: int, start_model) -> S
     with partitioned_building(config) as partitioned:  # ZeRO-3: no rank ever holds the whole model
         model = build_model(start_model, trust_remote_code=stage.trust_remote_code, dtype=dtype, partitioned=partitioned)
         resize_for_tokenizer(model, plan.tokenizer)
-    set_attention(model, stage.attn_implementation, f"stages.{stage.name}.attn_implementation")
+    set_attention(model, stage.attn_implementation, f"stages.{stage.name}.attn_implementation",
+                  asked="attn_implementation" in stage.model_fields_set)
     if stage.memory.activation_checkpointing:
         enable_activation_checkpointing(model, f"stages.{stage.name}.memory.activation_checkpointing")
     if stage.compile:
