@@ -71,11 +71,18 @@ class ChunkedHead:
         finally:
             self._job = None
 
-    def passed_through(self, out: torch.Tensor) -> bool:
+    def take(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(the loss the layer returned, its per-token losses) of the last armed call, let go of here:
+        the loss's graph reaches the model (through ZeRO-3's hooks), which must not outlive its stage."""
+        taken, self.returned, self.per_token = (self.returned, self.per_token), None, None
+        return taken
+
+    def passed_through(self, out: torch.Tensor, returned: torch.Tensor | None) -> bool:
         """Whether the model returned the loss as the layer made it. Checked by value once (one host
         synchronisation): hooks may wrap the tensor (ZeRO-3's does) without changing it."""
         if not self.verified:
-            self.verified = out.shape == self.returned.shape and bool(torch.equal(out.detach(), self.returned.detach()))
+            self.verified = (returned is not None and out.shape == returned.shape
+                             and bool(torch.equal(out.detach(), returned.detach())))
         return self.verified
 
     def remove(self, model: torch.nn.Module) -> None:
@@ -123,8 +130,9 @@ def causal_lm_loss(
     if head is not None and head.active:
         with head.armed(batch.targets, scale):
             out = model(**inputs).logits
-        if head.passed_through(out):
-            return out, head.per_token
+        returned, per_token = head.take()
+        if head.passed_through(out, returned):
+            return out, per_token
         head.remove(model)  # the model changed the head's output: its loss must come from whole logits
     logits = model(**inputs).logits
     per_token = torch.nn.functional.cross_entropy(
