@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -25,11 +27,10 @@ RECIPE = {
                              "max_position_embeddings": 64}},
         "tokenizer": {"train": {"vocab_size": 512, "max_documents": 60}},
         "data": {
-            "prose": {"source": "builtin:python-docs", "heldout": 4, "max_documents": 40,
-                      "metadata": {"template": "Topic: {value}\n\n"}},
+            "prose": {"source": "PROSE", "heldout": 4, "metadata": {"field": "topic", "template": "Topic: {value}\n\n"}},
             "plain": {"source": "builtin:python-stdlib", "heldout": 4, "max_documents": 20},
         },
-        "mixture": {"phases": [{"until": 0.8}, {"until": 1.0, "metadata": False}]},
+        "mixture": {"weights": {"prose": 1, "plain": 1}, "phases": [{"until": 0.8}, {"until": 1.0, "metadata": False}]},
         "document_masking": True,
         "schedule": {"type": "constant", "lr": 1e-3},
         "steps": STEPS,
@@ -39,10 +40,22 @@ RECIPE = {
 }
 
 
+def short_documents(path):
+    """Documents of a few dozen tokens, so that blocks hold several, whatever this Python's corpora are."""
+    from pydoc_data.topics import topics
+
+    words = " ".join(topics[k] for k in sorted(topics)).split()
+    rows = [{"text": " ".join(words[i * 9 : i * 9 + 5 + i % 13]), "topic": f"topic-{i % 7}"} for i in range(300)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def plan(tmp_path_factory):
     path = tmp_path_factory.mktemp("meco") / "meco.yaml"
-    path.write_text(yaml.safe_dump(RECIPE))
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["stages"][0]["data"]["prose"]["source"] = short_documents(path.parent / "prose.jsonl")
+    path.write_text(yaml.safe_dump(recipe))
     (stage_plan,) = plan_recipe(load_recipe(path))
     return stage_plan
 
