@@ -13,6 +13,7 @@ shows: a skipped step spends its lr without an update.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import gc
 import os
@@ -99,6 +100,7 @@ def init_distributed() -> None:
     deepspeed = import_deepspeed()
     if torch.distributed.is_initialized():
         return
+    atexit.register(_leave_process_group)
     if "WORLD_SIZE" in os.environ:
         deepspeed.init_distributed()
         return
@@ -107,6 +109,14 @@ def init_distributed() -> None:
     backend = deepspeed.get_accelerator().communication_backend_name()
     torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group while the interpreter is whole: left to interpreter shutdown, gloo's
+    worker threads can release tensors after Python is gone and abort the process (SIGABRT,
+    "terminate called without an active exception"; pytorch/pytorch#190489)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def ds_config(
