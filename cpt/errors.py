@@ -17,6 +17,9 @@ class CptError(Exception):
     def __str__(self) -> str:
         return f"{self.where}: {self.message}" if self.where else self.message
 
+    def __reduce__(self):  # a preparation worker's error reaches the parent whole
+        return type(self), (self.message, self.where)
+
 
 class CptErrors(CptError):
     """Several independent problems found at once (validation reports them all)."""

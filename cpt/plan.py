@@ -71,15 +71,11 @@ class StagePlan:
         return {d: float(n) / len(self.blocks[d]) for d, n in zip(self.domains, self.planned_blocks())}
 
     def data_pins(self) -> dict[str, dict]:
-        """What a checkpoint's data position indexes, per domain: the block cache entry (named by
-        the hash of the documents, the tokenizer, seq_len, the variant and the format) and its block
-        count; a domain's plain variant read in MeCo's cooldown too, as ``<domain>/plain``."""
+        """What a checkpoint's data position indexes, per domain: the prepared split (named by the
+        hash of the documents, the tokenizer, the variant, the split's settings and the format) and
+        its block count; a domain's plain variant read in MeCo's cooldown too, as ``<domain>/plain``."""
         splits = {**self.blocks, **{f"{d}/plain": packed for d, packed in self.alternate.items()}}
-        return {d: {"fingerprint": packed.entry.name, "blocks": len(packed)} for d, packed in splits.items()}
-
-    def former_pins(self) -> dict[str, tuple[str, ...]]:
-        """Other names of the pinned entries that index the same blocks (:meth:`Packed.former_names`)."""
-        return {d: packed.former_names() for d, packed in self.blocks.items()}
+        return {d: {"fingerprint": packed.name, "blocks": len(packed)} for d, packed in splits.items()}
 
     def to_json(self) -> dict:
         return {
@@ -96,16 +92,20 @@ class StagePlan:
         return [d for d in self.domains if self.blocks[d].loss_mask is not None or d in self.alternate]
 
 
-def plan_recipe(recipe: Recipe) -> list[StagePlan]:
+def plan_recipe(recipe: Recipe, workers: int | None = None) -> list[StagePlan]:
+    """Every stage's plan; data not prepared yet are prepared with ``workers`` processes (default: all cores)."""
     plans: list[StagePlan] = []
     tokenizer: PreTrainedTokenizerFast | None = None
     for stage in recipe.stages:
         tokenizer = stage_tokenizer(recipe, stage, tokenizer)
-        plans.append(plan_stage(recipe, stage, tokenizer, plans[-1] if plans else None))
+        plans.append(plan_stage(recipe, stage, tokenizer, plans[-1] if plans else None, workers))
     return plans
 
 
-def plan_stage(recipe: Recipe, stage: Stage, tokenizer: PreTrainedTokenizerFast, previous: StagePlan | None) -> StagePlan:
+def plan_stage(
+    recipe: Recipe, stage: Stage, tokenizer: PreTrainedTokenizerFast, previous: StagePlan | None,
+    workers: int | None = None,
+) -> StagePlan:
     where = f"stages.{stage.name}"
     steps = stage.total_steps
     known = recipe_domains_until(recipe, stage)
@@ -118,7 +118,8 @@ def plan_stage(recipe: Recipe, stage: Stage, tokenizer: PreTrainedTokenizerFast,
         if with_metadata is None:
             with_metadata = known[name].metadata is not None and bool(metadata.any())
         try:
-            return load_packed(known[name], "train", tokenizer, seq_len, recipe.seed, cache, metadata=with_metadata)
+            return load_packed(known[name], "train", tokenizer, seq_len, recipe.seed, cache, metadata=with_metadata,
+                               workers=workers)
         except CptError as exc:
             raise CptError(exc.message, f"{where}.data.{name}") from None
 

@@ -14,7 +14,8 @@ import os
 import sys
 import sysconfig
 import tokenize
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from cpt.errors import CptError
@@ -22,11 +23,6 @@ from cpt.errors import CptError
 # Directories of the standard library that are fixtures, tools or third-party code, not its code.
 _STDLIB_EXCLUDED = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"})
 _DOCSTRING_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-
-
-def installation() -> list[str]:
-    """What the builtin corpora depend on: this Python's version and standard library."""
-    return [sys.version, sysconfig.get_paths()["stdlib"]]
 
 
 def _stdlib_root() -> Path:
@@ -54,52 +50,83 @@ def stdlib_files() -> list[Path]:
     return sorted(found)
 
 
-def _python_stdlib() -> Iterator[tuple[str, str]]:
-    for path in stdlib_files():
+@dataclass(frozen=True)
+class Item:
+    """One document of a builtin corpus, named so that any process can read it alone."""
+
+    kind: str  # "module", "test", "topic" or "docstrings"
+    name: str  # a path from the standard library's root, or a pydoc topic
+    size: int  # bytes to read: what a share of the work is measured in
+
+
+def items(corpus: str) -> list[Item]:
+    """The documents of ``builtin:<corpus>`` in their fixed order (each read by :func:`read_item`)."""
+    if corpus == "python-stdlib":
+        return [Item("module", module_path(p), p.stat().st_size) for p in _stdlib_files_or_error()]
+    if corpus == "python-tests":
+        return [Item("test", module_path(p), p.stat().st_size) for p in stdlib_test_files()]
+    if corpus == "python-docs":
+        topics = _pydoc_topics()
+        return [Item("topic", name, len(topics[name])) for name in sorted(topics)] + [
+            Item("docstrings", module_path(p), p.stat().st_size) for p in _stdlib_files_or_error()
+        ]
+    raise ValueError(f"unknown builtin corpus {corpus!r}")
+
+
+def read_item(item: Item) -> tuple[str, str] | None:
+    """(text, natural metadata value) of one document; None for a file of the test suite that is
+    deliberately mis-encoded."""
+    if item.kind == "topic":
+        return _pydoc_topics()[item.name], item.name
+    path = _stdlib_root() / item.name
+    if item.kind == "docstrings":
+        return module_docstrings(path), module_name(path)
+    try:
         with tokenize.open(path) as f:  # honours a module's coding declaration
-            yield f.read(), module_path(path)
+            return f.read(), item.name
+    except (SyntaxError, UnicodeDecodeError):
+        if item.kind == "test":
+            return None
+        raise
 
 
-def stdlib_test_files() -> list[Path]:
-    """The standard library's own test suite (``test/``): code of another style than the library's.
+def documents(corpus: str) -> Iterator[tuple[str, str]]:
+    """Every document of ``builtin:<corpus>`` in order, with its natural metadata value."""
+    for item in items(corpus):
+        read = read_item(item)
+        if read is not None:
+            yield read
 
-    Debian and Ubuntu move the suite into a separate package and keep only ``test/support`` and
-    regrtest, so the suite counts as installed when its tests of the grammar are there.
-    """
-    root = _stdlib_root() / "test"
-    if not (root / "test_grammar.py").is_file():
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+def installation(corpus: str) -> dict[str, str | int]:
+    """What a builtin corpus depends on: this Python's build, its standard library's path and how
+    many files the corpus reads there (a Debian Python without its test suite reads fewer)."""
+    return {"python": sys.version, "stdlib": str(_stdlib_root()), "files": len(items(corpus))}
+
+
+def _stdlib_files_or_error() -> list[Path]:
+    files = stdlib_files()
+    if not files:
         raise CptError(
-            f"builtin:python-tests needs the standard library's test suite, which this Python lacks (no {root}/"
-            f"test_grammar.py): install libpython{version}-testsuite (Debian, Ubuntu) or python{version}-test (Fedora)",
+            f"this Python has no standard library sources under {_stdlib_root()} (an embedded or stripped build?): "
+            "the builtin corpora read them",
             where="source",
         )
-    return sorted(path for path in root.rglob("*.py") if "__pycache__" not in path.parts)
+    return files
 
 
-def _python_tests() -> Iterator[tuple[str, str]]:
-    for path in stdlib_test_files():
-        try:
-            with tokenize.open(path) as f:
-                yield f.read(), module_path(path)
-        except (SyntaxError, UnicodeDecodeError):  # the suite holds deliberately mis-encoded files
-            continue
-
-
-def _python_docs() -> Iterator[tuple[str, str]]:
-    from pydoc_data.topics import topics
-
-    for name in sorted(topics):
-        yield topics[name], name
-    yield from _stdlib_docstrings()
+def _pydoc_topics() -> dict[str, str]:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise CptError(
+            "builtin:python-docs needs the standard library's pydoc_data package, which this Python lacks",
+            where="source",
+        ) from None
+    return topics
 
 
 @functools.cache
-def _stdlib_docstrings() -> tuple[tuple[str, str], ...]:
-    """Parsing the whole standard library takes seconds, so its docstrings (~1.7 MB) are kept once read."""
-    return tuple((module_docstrings(path), module_name(path)) for path in stdlib_files())
-
-
 def module_docstrings(path: Path) -> str:
     """The docstrings of a module, its classes and functions in source order, read without importing."""
     try:
@@ -116,12 +143,3 @@ def _statements(node: ast.AST) -> Iterator[ast.AST]:
         if isinstance(child, (ast.stmt, ast.excepthandler, ast.match_case)):
             yield child
             yield from _statements(child)
-
-
-# The documents of builtin:<name> in their fixed order, each with its natural metadata value, for each
-# name of cpt.config.data.BUILTINS.
-CORPORA: dict[str, Callable[[], Iterator[tuple[str, str]]]] = {
-    "python-stdlib": _python_stdlib,
-    "python-docs": _python_docs,
-    "python-tests": _python_tests,
-}

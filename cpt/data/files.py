@@ -11,7 +11,7 @@ import gzip
 import itertools
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
@@ -102,10 +102,13 @@ def _open_text(path: Path) -> TextIO:
     return open(path, encoding="utf-8")
 
 
-def file_documents(path: Path, text_field: str, fields: Sequence[str] = ()) -> Iterator[Document]:
+def file_documents(
+    path: Path, text_field: str, fields: Sequence[str] = (), span: tuple[int, int] | None = None
+) -> Iterator[Document]:
     """The documents of one file in file order (empty ones included), each with its row's values of ``fields``.
 
-    A text file is one document and has no fields.
+    A text file is one document and has no fields. ``span``: only the lines of a plain JSON-lines
+    file that start in bytes ``[start, end)``, or row groups ``[start, end)`` of a parquet file.
     """
     kind = file_format(path)
     try:
@@ -113,37 +116,90 @@ def file_documents(path: Path, text_field: str, fields: Sequence[str] = ()) -> I
             with _open_text(path) as f:
                 yield f.read(), {}
         elif kind == "jsonl":
-            yield from _jsonl_documents(path, text_field, fields)
+            yield from _jsonl_documents(path, text_field, fields, span)
         else:
-            yield from _parquet_documents(path, text_field, fields)
+            yield from _parquet_documents(path, text_field, fields, span)
     except UnicodeDecodeError as e:
         raise CptError(f"{path} is not UTF-8 text: {e}", where="source") from e
     except OSError as e:
         raise CptError(f"cannot read {path}: {e}", where="source") from e
 
 
-def _jsonl_documents(path: Path, text_field: str, fields: Sequence[str]) -> Iterator[Document]:
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CptError(
-                    f"{path}:{line_no}: expected one JSON object per line ({e.msg}); "
-                    "use hf:json for other JSON layouts",
-                    where="source",
-                ) from e
-            yield row_document(row, text_field, fields, f"{path}:{line_no}")
+def _jsonl_documents(path: Path, text_field: str, fields: Sequence[str], span: tuple[int, int] | None) -> Iterator[Document]:
+    if span is None:
+        with _open_text(path) as f:
+            for line_no, line in enumerate(f, start=1):
+                if line.strip():
+                    yield _json_row(line, path, lambda: line_no, text_field, fields)
+        return
+    start, end = span
+    with open(path, "rb") as f:
+        if start > 0:  # the line running across ``start`` belongs to the range before
+            f.seek(start - 1)
+            f.readline()
+        while (offset := f.tell()) < end:
+            raw = f.readline()
+            if not raw:
+                break
+            if raw.strip():
+                yield _json_row(raw.decode("utf-8"), path, lambda: _line_number(path, offset), text_field, fields)
 
 
-def _parquet_documents(path: Path, text_field: str, fields: Sequence[str]) -> Iterator[Document]:
+def _json_row(line: str, path: Path, line_no: Callable[[], int], text_field: str, fields: Sequence[str]) -> Document:
+    """One line's document; ``line_no`` is asked only for an error message (counting lines costs a read)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise CptError(
+            f"{path}:{line_no()}: expected one JSON object per line ({e.msg}); use hf:json for other JSON layouts",
+            where="source",
+        ) from e
+    return row_document(row, text_field, fields, f"{path}:{line_no()}")
+
+
+def _line_number(path: Path, offset: int) -> int:
+    """The 1-based number of the line that starts at byte ``offset``."""
+    lines = 1
+    with open(path, "rb") as f:
+        while offset > 0:
+            chunk = f.read(min(offset, 1 << 20))
+            lines += chunk.count(b"\n")
+            offset -= len(chunk)
+    return lines
+
+
+def parquet_parts(path: Path, unit_bytes: int) -> list[tuple[Any, int]]:
+    """A parquet file as runs of whole row groups of about ``unit_bytes`` (uncompressed), for
+    :mod:`cpt.data.units`: (Part, bytes) pairs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cpt.data.units import Part
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (OSError, pa.ArrowException) as e:
+        raise CptError(f"{path} is not a readable parquet file: {e}", where="source") from e
+    parts: list[tuple[Any, int]] = []
+    first, total = 0, 0
+    for group in range(meta.num_row_groups):
+        total += meta.row_group(group).total_byte_size
+        if total >= unit_bytes or group == meta.num_row_groups - 1:
+            parts.append((Part(str(path), first, group + 1), total))
+            first, total = group + 1, 0
+    return parts or [(Part(str(path), 0, 0), 0)]
+
+
+def _parquet_documents(path: Path, text_field: str, fields: Sequence[str], span: tuple[int, int] | None) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     columns = list(dict.fromkeys([text_field, *fields]))
     check_file(path, columns)
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_BATCH, columns=columns):
+    parquet = pq.ParquetFile(path)
+    groups = None if span is None else list(range(*span))
+    if groups == []:
+        return
+    for batch in parquet.iter_batches(batch_size=ROWS_PER_BATCH, columns=columns, row_groups=groups):
         yield from batch_documents(batch.to_pydict(), text_field, fields, str(path))
 
 

@@ -14,35 +14,43 @@ from cpt.data.files import ROWS_PER_BATCH, Document, batch_documents, row_docume
 from cpt.errors import CptError
 
 
-def hf_documents(cfg: DomainConfig, fields: Sequence[str] = ()) -> Iterator[Document]:
-    """The documents of the dataset's split in row order, each with its values of the columns ``fields``."""
-    import datasets
-
-    opts = cfg.hf or HFOptions()
-    name = cfg.source.removeprefix("hf:")
-    try:
-        dataset = datasets.load_dataset(
-            name,
-            opts.name,
-            split=opts.split,
-            data_files=opts.data_files,
-            revision=opts.revision,
-            streaming=opts.streaming,
-        )
-    except Exception as e:  # datasets raises many unrelated types for one cause: the source cannot be read
-        raise CptError(f"cannot load dataset {cfg.source}: {e}", where="source") from e
+def hf_documents(cfg: DomainConfig, fields: Sequence[str] = (), rows: tuple[int, int] | None = None) -> Iterator[Document]:
+    """The documents of the dataset's split in row order (only rows ``[start, end)`` when given),
+    each with its values of the columns ``fields``."""
+    dataset = _load(cfg)
     wanted = list(dict.fromkeys([cfg.text_field, *fields]))
     columns = dataset.column_names
     missing = [name for name in wanted if columns is not None and name not in columns]
     if missing:
         listed = ", ".join(columns)
         raise CptError(f"{cfg.source} has no column {missing[0]!r}; its columns: {listed}", where="source")
-    if opts.streaming:
+    if cfg.hf is not None and cfg.hf.streaming:
         for row in dataset:
             yield row_document(row, cfg.text_field, fields, f"{cfg.source}: a row")
         return
+    if rows is not None:
+        dataset = dataset.select(range(*rows))
     for batch in dataset.select_columns(wanted).iter(batch_size=ROWS_PER_BATCH):
         yield from batch_documents(batch, cfg.text_field, fields, cfg.source)
+
+
+def dataset_size(cfg: DomainConfig) -> tuple[int, int]:
+    """Rows and bytes of a dataset that is not streamed (``datasets`` prepares it on disk once)."""
+    dataset = _load(cfg)
+    return dataset.num_rows, dataset.data.nbytes
+
+
+def _load(cfg: DomainConfig):
+    import datasets
+
+    opts = cfg.hf or HFOptions()
+    name = cfg.source.removeprefix("hf:")
+    try:
+        return datasets.load_dataset(
+            name, opts.name, split=opts.split, data_files=opts.data_files, revision=opts.revision, streaming=opts.streaming,
+        )
+    except Exception as e:  # datasets raises many unrelated types for one cause: the source cannot be read
+        raise CptError(f"cannot load dataset {cfg.source}: {e}", where="source") from e
 
 
 def local_data_files(data_files: str | list[str] | dict[str, str | list[str]]) -> list[str]:

@@ -1,35 +1,32 @@
 """Raw text documents of one data domain, whatever their source: the one entry point for readers.
 
-Every source yields its non-empty documents in one fixed order; :mod:`cpt.data.splits` cuts the
-held-out split from it. A domain with ``metadata`` gives each document a prefix too
-(:func:`iter_tagged`), from values its reader reads along with the text, and only those. The
-readers are :mod:`cpt.data.builtin`, :mod:`cpt.data.files` and :mod:`cpt.data.hub`; the schema
-is :mod:`cpt.config.data`.
+Every source yields its non-empty documents in one fixed order (the first ``max_documents`` of
+them), read unit by unit (:mod:`cpt.data.units`); :mod:`cpt.data.selection` chooses the held-out
+ones. A domain with ``metadata`` gives each document a prefix too (:func:`iter_tagged`), from
+values its reader reads along with the text, and only those. Preparation
+(:mod:`cpt.data.parallel`) reads the units in parallel, once; the streams here serve tokenizer
+training, task building and tests, and read a domain twice (keys, then documents).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from itertools import islice
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from cpt.config.data import DomainConfig, MetadataConfig, metadata_problem, source_kind
+import numpy as np
+
+from cpt.config.data import DomainConfig, MetadataConfig, source_kind
 from cpt.data import builtin, files, hub
 from cpt.data.files import Document
-from cpt.data.splits import (
-    Split,
-    heldout_size,
-    sampled_split,
-    streamed_split,
-    too_small,
-)
-from cpt.errors import CptError
+from cpt.data.selection import KEY, Cut, check_size, find_cut, heldout_size, seeded_keys, text_hash, too_small
+from cpt.data.units import check_fits, plan_units, unit_documents
 
-_NO_VALUES: Mapping[str, str] = MappingProxyType({})  # shared by the documents whose prefix reads nothing
+Split = Literal["train", "heldout"]
 
 
 def check_domain(cfg: DomainConfig) -> None:
@@ -44,13 +41,13 @@ def check_domain(cfg: DomainConfig) -> None:
     if kind == "local":
         for path in files.local_files(cfg.source):
             files.check_file(path, [cfg.text_field, *_row_fields(cfg.metadata)])
-            _check_fits(cfg.metadata, path)
+            check_fits(cfg.metadata, path)
     n = 0
     for _ in _documents(cfg, cfg.metadata):
         n += 1
         if n - heldout_size(cfg.heldout, n) >= 1:
             return
-    raise too_small(cfg, n)
+    raise too_small(cfg, n, heldout_size(cfg.heldout, n))
 
 
 def iter_documents(cfg: DomainConfig, split: Split, seed: int) -> Iterator[str]:
@@ -66,10 +63,10 @@ def iter_tagged(cfg: DomainConfig, split: Split, seed: int) -> Iterator[tuple[st
     meta = cfg.metadata
     if meta is None:
         return (("", text) for text, _ in _split(cfg, None, split, seed))
-    return ((_prefix(meta, values), text) for text, values in _split(cfg, meta, split, seed))
+    return ((prefix(meta, values), text) for text, values in _split(cfg, meta, split, seed))
 
 
-def _prefix(meta: MetadataConfig, values: Mapping[str, str]) -> str:
+def prefix(meta: MetadataConfig, values: Mapping[str, str]) -> str:
     """A document's prefix from the values read with it: its row's fields, or its own name under "value"."""
     if meta.value is not None:
         value: str | None = meta.value
@@ -96,10 +93,17 @@ def fingerprint(cfg: DomainConfig, seed: int) -> str:
 
     ``metadata`` changes only the prefixes (:func:`metadata_fingerprint`), so caches of the texts stay valid.
     """
-    parts: dict[str, Any] = cfg.model_dump(exclude={"max_epochs", "metadata"}) | {"seed": seed}
+    return _digest({"documents": documents_fingerprint(cfg), "heldout": cfg.heldout,
+                    "max_documents": cfg.max_documents, "seed": seed})
+
+
+def documents_fingerprint(cfg: DomainConfig) -> str:
+    """A short hash of what the source's documents depend on: its settings and files, or for a
+    builtin corpus the Python build it reads; not the split, the cap or the metadata."""
+    parts: dict[str, Any] = cfg.model_dump(exclude={"max_epochs", "metadata", "heldout", "max_documents"})
     kind = source_kind(cfg.source)
     if kind == "builtin":
-        parts["python"] = builtin.installation()
+        parts["python"] = builtin.installation(cfg.source.removeprefix("builtin:"))
     elif kind == "local":
         parts["files"] = [files.file_stamp(path) for path in files.local_files(cfg.source)]
     elif cfg.hf is not None and cfg.hf.data_files is not None:
@@ -116,61 +120,37 @@ def _digest(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_counts: dict[str, int] = {}  # documents per source, keyed by fingerprint: both splits need it
+_cuts: dict[str, Cut] = {}  # per domain fingerprint (seed included): both splits need it
 
 
-def _count_documents(cfg: DomainConfig) -> int:
-    key = fingerprint(cfg, seed=0)
-    if key not in _counts:
-        _counts[key] = sum(1 for _ in _documents(cfg, None))
-    return _counts[key]
+def _cut(cfg: DomainConfig, seed: int) -> Cut:
+    """The held-out cut, from one pass over the documents' keys (kept for the other split)."""
+    key = fingerprint(cfg, seed)
+    if key not in _cuts:
+        hashes = (text_hash(text) for text, _ in _documents(cfg, None))
+        chunks = (seeded_keys(np.fromiter(chunk, dtype=KEY), seed) for chunk in iter(lambda: list(islice(hashes, 4096)), []))
+        _cuts[key] = find_cut(chunks, cfg.heldout)
+    return _cuts[key]
 
 
 def _split(cfg: DomainConfig, meta: MetadataConfig | None, split: Split, seed: int) -> Iterator[Document]:
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
-    documents = _documents(cfg, meta)
-    if cfg.hf is not None and cfg.hf.streaming:
-        return streamed_split(cfg, documents, split)
-    return sampled_split(cfg, documents, _count_documents(cfg), split, seed)
+    cut = _cut(cfg, seed)
+    check_size(cfg, cut)
+    wanted = split == "heldout"
+    for position, document in enumerate(_documents(cfg, meta)):
+        key = seeded_keys(np.array([text_hash(document[0])], dtype=KEY), seed)
+        if bool(cut.held(key, position)[0]) == wanted:
+            yield document
 
 
 def _documents(cfg: DomainConfig, meta: MetadataConfig | None) -> Iterator[Document]:
-    """Every non-empty document in the source's order, with the values ``meta``'s prefix reads (none without it)."""
-    kind = source_kind(cfg.source)
-    if kind == "builtin":
-        documents = _named(meta, builtin.CORPORA[cfg.source.removeprefix("builtin:")]())
-    elif kind == "hf":
-        documents = hub.hf_documents(cfg, _row_fields(meta))
-    else:
-        root = files.glob_root(cfg.source)
-        paths = files.local_files(cfg.source)
-        documents = (document for path in paths for document in _file_documents(cfg, meta, path, root))
-    return (document for document in documents if document[0].strip())
-
-
-def _file_documents(cfg: DomainConfig, meta: MetadataConfig | None, path: Path, root: Path) -> Iterator[Document]:
-    _check_fits(meta, path)
-    documents = files.file_documents(path, cfg.text_field, _row_fields(meta))
-    if files.file_format(path) != "text":
-        return documents
-    name = path.relative_to(root).as_posix()
-    return _named(meta, ((text, name) for text, _ in documents))
-
-
-def _named(meta: MetadataConfig | None, documents: Iterable[tuple[str, str]]) -> Iterator[Document]:
-    """Documents whose metadata value, when they need one of their own, is their name."""
-    if meta is None or not meta.natural:
-        return ((text, _NO_VALUES) for text, _ in documents)
-    return ((text, {"value": name}) for text, name in documents)
+    """Every non-empty document in the source's order, the first ``max_documents`` only, with the
+    values ``meta``'s prefix reads (none without it)."""
+    documents = (document for unit in plan_units(cfg) for document in unit_documents(cfg, meta, unit))
+    return islice(documents, cfg.max_documents)
 
 
 def _row_fields(meta: MetadataConfig | None) -> tuple[str, ...]:
     return () if meta is None else meta.row_fields
-
-
-def _check_fits(meta: MetadataConfig | None, path: Path) -> None:
-    """Fail on a file whose documents ``meta`` cannot tag: a glob may match both text files and rows."""
-    problem = meta is not None and metadata_problem(meta, rows=files.file_format(path) != "text")
-    if problem:
-        raise CptError(f"{path}: {problem}", where="metadata")

@@ -60,16 +60,15 @@ def restore(engine: StepEngine, plan: StagePlan, root: Path, resume: bool, fork:
 
 
 def check_data(saved: dict[str, dict] | None, plan: StagePlan, where: Path, domains: set[str]) -> None:
-    """Refuse to continue a checkpoint's data position on data other than the one it indexes (the
-    same blocks under an earlier cache format's name are the same data)."""
+    """Refuse to continue a checkpoint's data position on data other than the one it indexes."""
     if saved is None:
         raise CptError("the checkpoint does not record the data it was trained on; start the stage anew", str(where))
-    current, former = plan.data_pins(), plan.former_pins()
+    current = plan.data_pins()
     for name in sorted(key for key in current if key.split("/")[0] in domains):
         was, now = saved.get(name), current[name]
         if was is None:
             raise CptError(f"data.{name}: not part of the checkpointed run", str(where))
-        if was != now and not (was["blocks"] == now["blocks"] and was["fingerprint"] in former.get(name, ())):
+        if was != now:
             raise CptError(
                 f"data.{name}: the data changed since the checkpoint (fingerprint {was['fingerprint']}, "
                 f"{was['blocks']} blocks; now {now['fingerprint']}, {now['blocks']} blocks); restore the data "

@@ -1,0 +1,323 @@
+"""Prepare a domain on every core, in one pass, identically whatever the number of workers.
+
+The domain's units (:mod:`cpt.data.units`) are tokenized by N worker processes, each writing its
+units' directories (:mod:`cpt.data.encode`); units already there (from an interrupted
+preparation, or from other machines' shards) are kept. Then the splits are stitched: every
+document's key under the recipe's seed gives the held-out cut (:mod:`cpt.data.selection`), and
+each split becomes a list of pieces of the units' files plus its documents' starts: an index,
+no token copied. With ``max_documents`` only the units holding the first documents are read.
+
+A domain's cache entry ``docs-<key>/`` (the key: its documents, the tokenizer, the variant)::
+
+    units/u000000/ ...          one directory per unit (cpt.data.encode)
+    splits/<key>/index.json     per (seed, heldout, max_documents): counts, and which units
+    splits/<key>/<split>.pieces int64 (unit, start, end) token ranges, in order
+    splits/<key>/<split>.starts uint64 document starts in the split's stream
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm import tqdm
+
+from cpt.config.data import DomainConfig
+from cpt.data.encode import FORMAT, STARTS, UnitJob, UnitStats, encode_unit, read_unit
+from cpt.data.selection import check_size, find_cut, seeded_keys
+from cpt.data.sources import documents_fingerprint, metadata_fingerprint
+from cpt.data.tokenizer import tokenizer_fingerprint
+from cpt.data import units
+from cpt.errors import CptError
+from cpt.io import staged_entry
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "heldout")
+_OFF = ("", "off", "false", "f", "no", "n", "0")  # how the tokenizers library reads a disabled TOKENIZERS_PARALLELISM
+
+
+@dataclass(frozen=True)
+class Shard:
+    """``--shard index/count``: this machine prepares units index, index + count, ..."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise CptError(f"expected i/n with whole numbers, e.g. 0/4, not {text!r}", "--shard") from None
+        if not 0 <= index < count:
+            raise CptError(f"{text}: the shard index must be at least 0 and below the shard count", "--shard")
+        return cls(index, count)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def domain_entry(cfg: DomainConfig, tokenizer: PreTrainedTokenizerFast, cache_dir: Path, metadata: bool) -> Path:
+    """The directory of the domain's prepared documents under this tokenizer and variant."""
+    variant = metadata_fingerprint(cfg) if metadata else None
+    key = json.dumps([documents_fingerprint(cfg), tokenizer_fingerprint(tokenizer), variant, units.UNIT_BYTES, FORMAT])
+    return Path(cache_dir) / f"docs-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
+
+
+def split_dir(entry: Path, cfg: DomainConfig, seed: int) -> Path:
+    key = json.dumps([seed, cfg.heldout, cfg.max_documents])
+    return entry / "splits" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def prepare(
+    cfg: DomainConfig, tokenizer: PreTrainedTokenizerFast, cache_dir: Path, seed: int, *, metadata: bool = False,
+    workers: int | None = None, shard: Shard | None = None,
+) -> Path | None:
+    """Tokenize what is missing of the domain and stitch its splits; the split index's directory.
+
+    With ``shard``, only that share of the units is tokenized and nothing is stitched (None).
+    """
+    if metadata and cfg.metadata is None:
+        raise ValueError(f"{cfg.source} defines no metadata")
+    if tokenizer.eos_token_id is None:
+        raise CptError("the tokenizer has no end-of-sequence token to separate documents", where="tokenizer")
+    entry = domain_entry(cfg, tokenizer, cache_dir, metadata)
+    index = split_dir(entry, cfg, seed)
+    if shard is None and read_index(index) is not None:
+        return index
+    planned = units.plan_units(cfg)
+    dtype = token_dtype(tokenizer)
+    job = lambda unit: UnitJob(cfg, unit, tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id,  # noqa: E731
+                               dtype.name, metadata, unit_dir(entry, unit.index))
+    if shard is not None:
+        _run([job(u) for u in planned if u.index % shard.count == shard.index], workers, cfg.source, cap=None)
+        return None
+    stats = _run([job(u) for u in planned], workers, cfg.source, cap=cfg.max_documents)
+    _stitch(entry, index, cfg, seed, stats, dtype, metadata)
+    return index
+
+
+def unit_dir(entry: Path, index: int) -> Path:
+    return entry / "units" / f"u{index:06d}"
+
+
+def token_dtype(tokenizer: PreTrainedTokenizerFast) -> np.dtype:
+    vocab = max(len(tokenizer), tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=True))
+    return np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
+
+
+def _run(jobs: list[UnitJob], workers: int | None, source: str, cap: int | None) -> list[UnitStats]:
+    """Tokenize units in order until their documents reach ``cap``; the counts of the units
+    needed, a prefix of ``jobs``. Units already on disk are only read."""
+    done: dict[int, UnitStats] = {}
+    for position, job in enumerate(jobs):
+        found = read_unit(job.out)
+        if found is not None:
+            done[position] = found
+    todo = [p for p in range(len(jobs)) if p not in done]
+    n = min(workers or usable_cores(), len(todo))
+    if todo and os.environ.get("TOKENIZERS_PARALLELISM", "unset").lower() in _OFF:
+        log.warning("TOKENIZERS_PARALLELISM=%s: each worker tokenizes on one thread", os.environ["TOKENIZERS_PARALLELISM"])
+    bar = tqdm(total=sum(jobs[p].unit.size for p in todo) or None, unit="B", unit_scale=True, desc=source,
+               disable=None if todo else True, dynamic_ncols=True)
+    started = time.perf_counter()
+    try:
+        if n <= 1:
+            for position in todo:
+                if _needed(done, position, cap):
+                    done[position] = _report(bar, encode_unit(jobs[position]))
+        else:
+            _pool(jobs, todo, done, n, cap, bar)
+    finally:
+        bar.close()
+    needed = _prefix(done, len(jobs), cap)
+    if todo:
+        made = [done[p] for p in todo if p in done]
+        seconds = time.perf_counter() - started
+        log.info("%s: %d units, %s documents, %s tokens in %.1f s (%.1f MB/s) on %d worker(s)", source, len(made),
+                 f"{sum(s.n_documents for s in made):,}", f"{sum(s.n_tokens for s in made):,}", seconds,
+                 sum(s.size for s in made) / max(seconds, 1e-9) / 1e6, max(n, 1))
+    return [done[p] for p in range(needed)]
+
+
+def _pool(jobs: list[UnitJob], todo: list[int], done: dict[int, UnitStats], n: int, cap: int | None, bar: tqdm) -> None:
+    """``n`` worker processes, one encoder thread each; units are handed out in order, never more
+    than ``n`` at once, so that a cap stops the reading early.
+
+    Workers are forked on Linux, as PyTorch's DataLoader workers are: a spawned worker would
+    re-run the caller's main module, which a script without a ``__main__`` guard (or standard
+    input) cannot survive. They touch no thread of the parent (torch's, the encoder's)."""
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    queue = list(todo)
+    running: dict[Future, int] = {}
+    with ProcessPoolExecutor(n, mp_context=context, initializer=_init_worker) as pool:
+        try:
+            while queue or running:
+                while queue and len(running) < n and _needed(done, queue[0], cap):
+                    position = queue.pop(0)
+                    running[pool.submit(encode_unit, jobs[position])] = position
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    done[running.pop(future)] = _report(bar, future.result())
+        except BrokenProcessPool:
+            unit = jobs[min(running.values())].unit.index if running else "?"
+            raise CptError(
+                f"a preparation worker died (killed, or out of memory?) while unit {unit} or a later one was being "
+                "tokenized; the finished units are kept and nothing was stitched: run it again to continue",
+                where=jobs[0].cfg.source,
+            ) from None
+        except BaseException:
+            for future in running:
+                future.cancel()
+            raise
+
+
+def _init_worker() -> None:
+    """One encoder thread per worker: the workers are the parallelism (and a forked child cannot
+    use the parent's encoder threads anyway)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+
+
+def _report(bar: tqdm, stats: UnitStats) -> UnitStats:
+    bar.update(stats.size)
+    return stats
+
+
+def _needed(done: dict[int, UnitStats], position: int, cap: int | None) -> bool:
+    """Whether unit ``position`` may hold one of the first ``cap`` documents, as far as is known."""
+    documents = 0
+    for earlier in range(position):
+        if cap is None or earlier not in done:
+            return True
+        documents += done[earlier].n_documents
+        if documents >= cap:
+            return False
+    return True
+
+
+def _prefix(done: dict[int, UnitStats], limit: int, cap: int | None) -> int:
+    """How many leading units are needed: all ``limit``, or up to the one holding document ``cap``."""
+    documents = 0
+    for position in range(limit):
+        if cap is not None and documents >= cap:
+            return position
+        documents += done[position].n_documents
+    return limit
+
+
+# ----------------------------------------------------------------------------- stitching
+
+
+def read_index(index: Path) -> dict | None:
+    """The split index if complete and of this format (its files the sizes it says); None otherwise."""
+    try:
+        meta = json.loads((index / "index.json").read_text())
+        if meta.get("format") != FORMAT:
+            return None
+        for split in SPLITS:
+            counts = meta["splits"][split]
+            if (index / f"{split}.pieces").stat().st_size != counts["n_pieces"] * 24:
+                return None
+            if (index / f"{split}.starts").stat().st_size != counts["n_documents"] * 8:
+                return None
+        return meta
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _stitch(entry: Path, index: Path, cfg: DomainConfig, seed: int, stats: list[UnitStats], dtype: np.dtype,
+            metadata: bool) -> None:
+    """Write the splits' pieces and starts: the cut from every needed document's key, then runs of
+    held-out and training documents of each unit."""
+    limits = _limits(stats, cfg.max_documents)
+    keys = lambda unit: seeded_keys(_unit_array(entry, unit, "hashes.bin", "<u8")[: limits[unit]], seed)  # noqa: E731
+    cut = find_cut((keys(unit) for unit in range(len(limits))), cfg.heldout)
+    check_size(cfg, cut)
+    with staged_entry(index, lambda d: read_index(d) is not None) as staging:
+        counts = {}
+        with open(staging / "train.pieces", "wb") as tp, open(staging / "train.starts", "wb") as ts, \
+                open(staging / "heldout.pieces", "wb") as hp, open(staging / "heldout.starts", "wb") as hs:
+            outputs = {False: _SplitWriter(tp, ts), True: _SplitWriter(hp, hs)}
+            first = 0
+            for unit, limit in enumerate(limits):
+                held = cut.held(keys(unit), first)
+                first += limit
+                _add_runs(entry, unit, limit, stats[unit], held, outputs, metadata)
+            for split, writer in zip(SPLITS, (outputs[False], outputs[True])):
+                counts[split] = writer.counts()
+        (staging / "index.json").write_text(json.dumps({
+            "format": FORMAT, "units": len(limits), "dtype": dtype.name, "metadata": metadata, "source": cfg.source,
+            "seed": seed, "heldout": cfg.heldout, "max_documents": cfg.max_documents, "splits": counts,
+        }, indent=1))
+
+
+def _limits(stats: list[UnitStats], cap: int | None) -> list[int]:
+    """Documents used of each needed unit: all, up to the cap."""
+    limits, left = [], cap
+    for unit in stats:
+        take = unit.n_documents if left is None else min(unit.n_documents, left)
+        limits.append(take)
+        left = None if left is None else left - take
+    return limits
+
+
+def _unit_array(entry: Path, unit: int, name: str, dtype: str) -> np.ndarray:
+    """A unit's file read whole: per-document arrays are small, and a corpus has more units than
+    a process may hold open."""
+    return np.fromfile(unit_dir(entry, unit) / name, dtype=dtype)
+
+
+class _SplitWriter:
+    """One split's pieces and document starts as they are found, in order."""
+
+    def __init__(self, pieces, starts):
+        self.pieces, self.starts = pieces, starts
+        self.n_pieces = self.n_documents = self.n_tokens = self.n_masked = 0
+
+    def add(self, unit: int, start: int, end: int, doc_starts: np.ndarray, masked: int) -> None:
+        self.pieces.write(np.array([unit, start, end], dtype=np.int64).data)
+        self.starts.write((doc_starts.astype(np.int64) - start + self.n_tokens).astype(STARTS).data)
+        self.n_pieces += 1
+        self.n_documents += len(doc_starts)
+        self.n_tokens += end - start
+        self.n_masked += masked
+
+    def counts(self) -> dict[str, int]:
+        return {"n_pieces": self.n_pieces, "n_documents": self.n_documents, "n_tokens": self.n_tokens,
+                "n_masked": self.n_masked}
+
+
+def _add_runs(entry: Path, unit: int, limit: int, stats: UnitStats, held: np.ndarray,
+              outputs: dict[bool, _SplitWriter], metadata: bool) -> None:
+    """Each run of consecutive documents of one split becomes one piece of that split."""
+    if limit == 0:
+        return
+    starts = np.asarray(_unit_array(entry, unit, "starts.bin", "<u8")[: limit + 1], dtype=np.int64)
+    ends = np.append(starts[1:limit], starts[limit] if limit < len(starts) else stats.n_tokens)
+    starts = starts[:limit]
+    path = unit_dir(entry, unit) / "mask.bin"
+    mask = np.memmap(path, dtype=np.uint8, mode="r") if metadata and stats.n_tokens else None
+    change = np.flatnonzero(np.diff(held)) + 1
+    for a, b in zip([0, *change], [*change, limit]):
+        start, end = int(starts[a]), int(ends[b - 1])
+        masked = int((end - start) - np.count_nonzero(mask[start:end])) if mask is not None else 0
+        outputs[bool(held[a])].add(unit, start, end, starts[a:b], masked)
