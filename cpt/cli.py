@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan = recipe_command("plan", "Show steps, tokens, mixture and lr of every stage, without training.")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     plan.add_argument("--png", type=Path, metavar="PATH", help="also draw lr and mixture over each stage")
+    prepare = recipe_command("prepare", "Tokenize and pack every domain the recipe reads, without training.")
+    prepare.add_argument("--workers", type=_positive, metavar="N", help="worker processes (default: the usable cores)")
+    prepare.add_argument("--shard", metavar="I/N", help="prepare only share I of N of each domain (0-based), e.g. one "
+                         "task of a Slurm array; a final run without --shard stitches the shards")
     run = recipe_command("run", "Train every stage of a recipe (resumable; starts its own processes when asked to).")
     run.add_argument("--output-dir", type=Path, help="run directory (default: the recipe's output_dir)")
     mode = run.add_mutually_exclusive_group()
@@ -79,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--keep-schedule", action="store_true",
                        help="train with the stage's schedule instead of a constant lr after its warmup")
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def _numbers(kind):
@@ -135,6 +149,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from cpt.config.load import load_recipe
     from cpt.plan import plan_recipe, write_plan_png
+    from cpt.prepare import builtin_builds, builtin_lines
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.png:
@@ -143,8 +158,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.png:
         write_plan_png(plans, args.png)
     if args.json:
-        print(json.dumps({"stages": [p.to_json() for p in plans]}))
+        print(json.dumps({"stages": [p.to_json() for p in plans], "builtin": builtin_builds(recipe)}))
         return 0
+    for line in builtin_lines(recipe):
+        print(f"data {line}")
     for plan in plans:
         stage = plan.stage
         print(
@@ -166,6 +183,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  document masking: on ({stage.attn_implementation})")
     if args.png:
         print(f"wrote {args.png}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import logging
+
+    from cpt.config.load import load_recipe
+    from cpt.data.parallel import Shard
+    from cpt.prepare import builtin_lines, describe, prepare_recipe
+
+    shard = None if args.shard is None else Shard.parse(args.shard)
+    recipe = load_recipe(args.recipe, args.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for line in builtin_lines(recipe):
+        print(line)
+    prepared = prepare_recipe(recipe, args.workers, shard)
+    for item in prepared:
+        print(describe(item))
+    if shard is not None:
+        print(f"shard {shard.index}/{shard.count} done; when every shard is, `cpt prepare {args.recipe}` stitches them")
     return 0
 
 
@@ -212,7 +249,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "validate": cmd_validate, "plan": cmd_plan, "run": cmd_run, "anneal": cmd_anneal, "export": cmd_export,
+    "validate": cmd_validate, "plan": cmd_plan, "prepare": cmd_prepare, "run": cmd_run, "anneal": cmd_anneal, "export": cmd_export,
     "eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report, "compare": cmd_compare,
     "fit": cmd_fit,
 }

@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from itertools import chain
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ class UnitJob:
     dtype: str
     metadata: bool  # the variant with metadata prefixes
     out: Path
+    limit: int | None = None  # only the unit's first documents (a domain's max_documents ends inside it)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def encode_unit(job: UnitJob) -> UnitStats:
         return found
     faults.point("prepare.unit", job.out)
     meta = job.cfg.metadata if job.metadata else None
-    documents = unit_documents(job.cfg, meta, job.unit)
+    documents = islice(unit_documents(job.cfg, meta, job.unit), job.limit)
     records = ((prefix(meta, values) if meta else "", text) for text, values in documents)
     with staged_entry(job.out, lambda d: read_unit(d) is not None) as staging, io_errors(job.out):
         with open(staging / "tokens.bin", "wb") as tokens, open(staging / "starts.bin", "wb") as starts, \

@@ -22,7 +22,7 @@ import numpy as np
 
 from cpt.config.data import DomainConfig
 from cpt.data.encode import STARTS
-from cpt.data.parallel import domain_entry, prepare, read_index, token_dtype, unit_dir
+from cpt.data.parallel import domain_entry, prepare, read_index, token_dtype
 from cpt.data.sources import Split, fingerprint, metadata_fingerprint
 from cpt.data.stream import Blocks, Stream
 from cpt.data.tokenizer import tokenizer_fingerprint
@@ -110,7 +110,7 @@ def load_packed(
             where="data",
         )
     entry = index.parent.parent
-    files = [unit_dir(entry, u) for u in range(meta["units"])]
+    files = [entry / "units" / name for name in meta["units"]]
     pieces = np.fromfile(index / f"{split}.pieces", dtype=np.int64)
     tokens = Blocks(Stream([f / "tokens.bin" for f in files], pieces, meta["dtype"]), seq_len, n_blocks)
     starts = np.memmap(index / f"{split}.starts", dtype=STARTS, mode="r") if counts["n_documents"] else \

@@ -26,7 +26,7 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,8 +108,8 @@ def prepare(
     if shard is not None:
         _run([job(u) for u in planned if u.index % shard.count == shard.index], workers, cfg.source, cap=None)
         return None
-    stats = _run([job(u) for u in planned], workers, cfg.source, cap=cfg.max_documents)
-    _stitch(entry, index, cfg, seed, stats, dtype, metadata)
+    needed = _run([job(u) for u in planned], workers, cfg.source, cap=cfg.max_documents)
+    _stitch(index, cfg, seed, needed, dtype, metadata)
     return index
 
 
@@ -122,14 +122,17 @@ def token_dtype(tokenizer: PreTrainedTokenizerFast) -> np.dtype:
     return np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
 
 
-def _run(jobs: list[UnitJob], workers: int | None, source: str, cap: int | None) -> list[UnitStats]:
-    """Tokenize units in order until their documents reach ``cap``; the counts of the units
-    needed, a prefix of ``jobs``. Units already on disk are only read."""
-    done: dict[int, UnitStats] = {}
+def _run(jobs: list[UnitJob], workers: int | None, source: str, cap: int | None) -> list[tuple[Path, UnitStats]]:
+    """Tokenize units in order until their documents reach ``cap``; the directories and counts of
+    the units needed, a prefix of ``jobs``. Units already on disk are only read.
+
+    Under a cap, a unit whose predecessors are all known is read only up to the cap, into a
+    directory of its own (``u000003-first120``): a small cap never reads a whole large unit."""
+    done: dict[int, tuple[Path, UnitStats]] = {}
     for position, job in enumerate(jobs):
         found = read_unit(job.out)
         if found is not None:
-            done[position] = found
+            done[position] = (job.out, found)
     todo = [p for p in range(len(jobs)) if p not in done]
     n = min(workers or usable_cores(), len(todo))
     if todo and os.environ.get("TOKENIZERS_PARALLELISM", "unset").lower() in _OFF:
@@ -141,22 +144,32 @@ def _run(jobs: list[UnitJob], workers: int | None, source: str, cap: int | None)
         if n <= 1:
             for position in todo:
                 if _needed(done, position, cap):
-                    done[position] = _report(bar, encode_unit(jobs[position]))
+                    job = _capped(jobs[position], done, position, cap)
+                    done[position] = (job.out, _report(bar, encode_unit(job)))
         else:
             _pool(jobs, todo, done, n, cap, bar)
     finally:
         bar.close()
     needed = _prefix(done, len(jobs), cap)
-    if todo:
-        made = [done[p] for p in todo if p in done]
+    made = [done[p][1] for p in todo if p in done]
+    if made:
         seconds = time.perf_counter() - started
-        log.info("%s: %d units, %s documents, %s tokens in %.1f s (%.1f MB/s) on %d worker(s)", source, len(made),
+        log.info("%s: %d unit(s), %s documents, %s tokens in %.1f s (%.1f MB/s) on %d worker(s)", source, len(made),
                  f"{sum(s.n_documents for s in made):,}", f"{sum(s.n_tokens for s in made):,}", seconds,
                  sum(s.size for s in made) / max(seconds, 1e-9) / 1e6, max(n, 1))
     return [done[p] for p in range(needed)]
 
 
-def _pool(jobs: list[UnitJob], todo: list[int], done: dict[int, UnitStats], n: int, cap: int | None, bar: tqdm) -> None:
+def _capped(job: UnitJob, done: dict[int, tuple[Path, UnitStats]], position: int, cap: int | None) -> UnitJob:
+    """The job reading only the documents still under ``cap``, when all units before it are known."""
+    if cap is None or any(p not in done for p in range(position)):
+        return job
+    left = cap - sum(done[p][1].n_documents for p in range(position))
+    return replace(job, limit=left, out=job.out.with_name(f"{job.out.name}-first{left}"))
+
+
+def _pool(jobs: list[UnitJob], todo: list[int], done: dict[int, tuple[Path, UnitStats]], n: int, cap: int | None,
+          bar: tqdm) -> None:
     """``n`` worker processes, one encoder thread each; units are handed out in order, never more
     than ``n`` at once, so that a cap stops the reading early.
 
@@ -165,20 +178,22 @@ def _pool(jobs: list[UnitJob], todo: list[int], done: dict[int, UnitStats], n: i
     input) cannot survive. They touch no thread of the parent (torch's, the encoder's)."""
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     queue = list(todo)
-    running: dict[Future, int] = {}
+    running: dict[Future, tuple[int, Path]] = {}
     with ProcessPoolExecutor(n, mp_context=context, initializer=_init_worker) as pool:
         try:
             while queue or running:
                 while queue and len(running) < n and _needed(done, queue[0], cap):
                     position = queue.pop(0)
-                    running[pool.submit(encode_unit, jobs[position])] = position
+                    job = _capped(jobs[position], done, position, cap)
+                    running[pool.submit(encode_unit, job)] = (position, job.out)
                 if not running:
                     break
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    done[running.pop(future)] = _report(bar, future.result())
+                    position, out = running.pop(future)
+                    done[position] = (out, _report(bar, future.result()))
         except BrokenProcessPool:
-            unit = jobs[min(running.values())].unit.index if running else "?"
+            unit = min(position for position, _ in running.values()) if running else "?"
             raise CptError(
                 f"a preparation worker died (killed, or out of memory?) while unit {unit} or a later one was being "
                 "tokenized; the finished units are kept and nothing was stitched: run it again to continue",
@@ -202,25 +217,25 @@ def _report(bar: tqdm, stats: UnitStats) -> UnitStats:
     return stats
 
 
-def _needed(done: dict[int, UnitStats], position: int, cap: int | None) -> bool:
+def _needed(done: dict[int, tuple[Path, UnitStats]], position: int, cap: int | None) -> bool:
     """Whether unit ``position`` may hold one of the first ``cap`` documents, as far as is known."""
     documents = 0
     for earlier in range(position):
         if cap is None or earlier not in done:
             return True
-        documents += done[earlier].n_documents
+        documents += done[earlier][1].n_documents
         if documents >= cap:
             return False
     return True
 
 
-def _prefix(done: dict[int, UnitStats], limit: int, cap: int | None) -> int:
+def _prefix(done: dict[int, tuple[Path, UnitStats]], limit: int, cap: int | None) -> int:
     """How many leading units are needed: all ``limit``, or up to the one holding document ``cap``."""
     documents = 0
     for position in range(limit):
         if cap is not None and documents >= cap:
             return position
-        documents += done[position].n_documents
+        documents += done[position][1].n_documents
     return limit
 
 
@@ -244,13 +259,13 @@ def read_index(index: Path) -> dict | None:
         return None
 
 
-def _stitch(entry: Path, index: Path, cfg: DomainConfig, seed: int, stats: list[UnitStats], dtype: np.dtype,
+def _stitch(index: Path, cfg: DomainConfig, seed: int, needed: list[tuple[Path, UnitStats]], dtype: np.dtype,
             metadata: bool) -> None:
     """Write the splits' pieces and starts: the cut from every needed document's key, then runs of
     held-out and training documents of each unit."""
-    limits = _limits(stats, cfg.max_documents)
-    keys = lambda unit: seeded_keys(_unit_array(entry, unit, "hashes.bin", "<u8")[: limits[unit]], seed)  # noqa: E731
-    cut = find_cut((keys(unit) for unit in range(len(limits))), cfg.heldout)
+    limits = _limits([stats for _, stats in needed], cfg.max_documents)
+    keys = lambda u: seeded_keys(np.fromfile(needed[u][0] / "hashes.bin", dtype="<u8")[: limits[u]], seed)  # noqa: E731
+    cut = find_cut((keys(u) for u in range(len(limits))), cfg.heldout)
     check_size(cfg, cut)
     with staged_entry(index, lambda d: read_index(d) is not None) as staging:
         counts = {}
@@ -261,12 +276,13 @@ def _stitch(entry: Path, index: Path, cfg: DomainConfig, seed: int, stats: list[
             for unit, limit in enumerate(limits):
                 held = cut.held(keys(unit), first)
                 first += limit
-                _add_runs(entry, unit, limit, stats[unit], held, outputs, metadata)
+                _add_runs(needed[unit][0], unit, limit, needed[unit][1], held, outputs, metadata)
             for split, writer in zip(SPLITS, (outputs[False], outputs[True])):
                 counts[split] = writer.counts()
         (staging / "index.json").write_text(json.dumps({
-            "format": FORMAT, "units": len(limits), "dtype": dtype.name, "metadata": metadata, "source": cfg.source,
-            "seed": seed, "heldout": cfg.heldout, "max_documents": cfg.max_documents, "splits": counts,
+            "format": FORMAT, "units": [path.name for path, _ in needed], "dtype": dtype.name, "metadata": metadata,
+            "source": cfg.source, "seed": seed, "heldout": cfg.heldout, "max_documents": cfg.max_documents,
+            "splits": counts,
         }, indent=1))
 
 
@@ -278,12 +294,6 @@ def _limits(stats: list[UnitStats], cap: int | None) -> list[int]:
         limits.append(take)
         left = None if left is None else left - take
     return limits
-
-
-def _unit_array(entry: Path, unit: int, name: str, dtype: str) -> np.ndarray:
-    """A unit's file read whole: per-document arrays are small, and a corpus has more units than
-    a process may hold open."""
-    return np.fromfile(unit_dir(entry, unit) / name, dtype=dtype)
 
 
 class _SplitWriter:
@@ -306,16 +316,15 @@ class _SplitWriter:
                 "n_masked": self.n_masked}
 
 
-def _add_runs(entry: Path, unit: int, limit: int, stats: UnitStats, held: np.ndarray,
+def _add_runs(directory: Path, unit: int, limit: int, stats: UnitStats, held: np.ndarray,
               outputs: dict[bool, _SplitWriter], metadata: bool) -> None:
     """Each run of consecutive documents of one split becomes one piece of that split."""
     if limit == 0:
         return
-    starts = np.asarray(_unit_array(entry, unit, "starts.bin", "<u8")[: limit + 1], dtype=np.int64)
+    starts = np.fromfile(directory / "starts.bin", dtype="<u8")[: limit + 1].astype(np.int64)
     ends = np.append(starts[1:limit], starts[limit] if limit < len(starts) else stats.n_tokens)
     starts = starts[:limit]
-    path = unit_dir(entry, unit) / "mask.bin"
-    mask = np.memmap(path, dtype=np.uint8, mode="r") if metadata and stats.n_tokens else None
+    mask = np.memmap(directory / "mask.bin", dtype=np.uint8, mode="r") if metadata and stats.n_tokens else None
     change = np.flatnonzero(np.diff(held)) + 1
     for a, b in zip([0, *change], [*change, limit]):
         start, end = int(starts[a]), int(ends[b - 1])
