@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from cpt.config.data import DomainConfig, MetadataConfig
-from cpt.data.builtin import CORPORA, module_docstrings, stdlib_files, stdlib_test_files
+from cpt.data.builtin import documents, module_docstrings, stdlib_files, stdlib_test_files
 from cpt.data.sources import check_domain, fingerprint, iter_documents, iter_tagged, metadata_fingerprint, url_host
 from cpt.errors import CptError
 
@@ -199,7 +199,7 @@ def test_python_docs_is_named_by_topic_and_module():
     from pydoc_data.topics import topics
 
     json_decoder = Path(sysconfig.get_paths()["stdlib"], "json", "decoder.py")
-    names = {text: name for text, name in CORPORA["python-docs"]()}
+    names = {text: name for text, name in documents("python-docs")}
     assert names[topics["assert"]] == "assert"
     assert names[module_docstrings(json_decoder)] == "json.decoder"
     assert names[module_docstrings(json_decoder.with_name("__init__.py"))] == "json"
@@ -211,7 +211,7 @@ def test_python_tests_is_named_by_path():
     except CptError as e:
         pytest.skip(e.message)
     grammar = files[0].parent / "test_grammar.py"
-    names = {text: name for text, name in CORPORA["python-tests"]()}
+    names = {text: name for text, name in documents("python-tests")}
     assert names[grammar.read_text(encoding="utf-8")] == "test/test_grammar.py"
 
 
@@ -224,8 +224,8 @@ def test_builtin_texts_are_the_plain_readings_in_order():
     for path in modules:
         with tokenize.open(path) as f:
             plain.append(f.read())
-    assert [text for text, _ in CORPORA["python-stdlib"]()] == plain
-    docs = [text for text, _ in CORPORA["python-docs"]()]
+    assert [text for text, _ in documents("python-stdlib")] == plain
+    docs = [text for text, _ in documents("python-docs")]
     assert docs[: len(topics)] == [topics[name] for name in sorted(topics)]
     assert len(docs) == len(topics) + len(modules)
     sample = range(len(topics), len(docs), 25)  # parsing every module again would take seconds

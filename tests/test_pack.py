@@ -1,4 +1,4 @@
-"""Packing: the blocks are exactly the EOS-separated token stream, cached once and never half-used."""
+"""Packing: the blocks are exactly the EOS-separated token stream, prepared once and never half-used."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import cpt.data.pack as pack
+import cpt.data.encode as encode
 from cpt.config.data import DomainConfig
 from cpt.config.tokenizer import TrainTokenizerConfig
 from cpt.data.pack import block_stats, cache_path, load_blocks, load_packed
+from cpt.data.stream import Blocks
 from cpt.data.sources import iter_documents, iter_tagged
 from cpt.data.tokenizer import train_tokenizer
 from cpt.errors import CptError
@@ -51,6 +52,10 @@ def token_stream(cfg: DomainConfig, split: str, tok) -> list[int]:
     return stream
 
 
+def flat(blocks) -> list[int]:
+    return np.asarray(blocks).reshape(-1).tolist()
+
+
 def test_blocks_are_the_eos_separated_stream_without_the_partial_tail(tok, tmp_path: Path):
     # The tokenizer is trained on this Python's standard library, so the stream's length varies
     # with the build: take the first corpus size whose stream ends in a partial block to be dropped.
@@ -59,19 +64,28 @@ def test_blocks_are_the_eos_separated_stream_without_the_partial_tail(tok, tmp_p
     blocks = load_blocks(corpus, "train", tok, SEQ, 0, tmp_path / "cache")
     stream = token_stream(corpus, "train", tok)
     assert blocks.shape == (len(stream) // SEQ, SEQ)
-    assert blocks.reshape(-1).tolist() == stream[: blocks.size]
-    assert (blocks == tok.eos_token_id).sum() == stream[: blocks.size].count(tok.eos_token_id) > 30
-    assert isinstance(blocks, np.memmap) and blocks.dtype == np.uint16
-    with pytest.raises(ValueError):
-        blocks[0, 0] = 1  # read-only
+    assert flat(blocks) == stream[: len(blocks) * SEQ]
+    assert flat(blocks).count(tok.eos_token_id) == stream[: len(blocks) * SEQ].count(tok.eos_token_id) > 30
+    assert isinstance(blocks, Blocks) and blocks.dtype == np.uint16
+    assert np.array_equal(blocks[[3, 0, 3]], np.asarray(blocks)[[3, 0, 3]])
+    assert np.array_equal(blocks[2:5][1], np.asarray(blocks)[3]) and len(blocks[2:5]) == 3
 
     stats = block_stats(corpus, "train", tok, SEQ, 0, tmp_path / "cache")
     assert (stats.n_blocks, stats.n_tokens, stats.n_documents, stats.dtype) == (len(blocks), len(stream), n - 4, "uint16")
 
 
+def test_any_block_length_reads_the_same_prepared_stream(corpus: DomainConfig, tok, tmp_path: Path):
+    cache = tmp_path / "cache"
+    short = flat(load_blocks(corpus, "train", tok, SEQ, 0, cache))
+    entries = sorted(cache.iterdir())
+    long = flat(load_blocks(corpus, "train", tok, SEQ * 3, 0, cache))
+    assert sorted(cache.iterdir()) == entries  # nothing prepared twice
+    assert long == short[: len(long)] and len(short) - len(long) < SEQ * 3
+
+
 def test_small_batches_give_the_same_blocks(corpus: DomainConfig, tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     whole = np.array(load_blocks(corpus, "train", tok, SEQ, 0, tmp_path / "a"))
-    monkeypatch.setattr(pack, "_BATCH_DOCUMENTS", 3)  # the unfinished block is carried across many batches
+    monkeypatch.setattr(encode, "BATCH_DOCUMENTS", 3)
     assert np.array_equal(load_blocks(corpus, "train", tok, SEQ, 0, tmp_path / "b"), whole)
 
 
@@ -80,56 +94,56 @@ def test_disabled_tokenizer_parallelism_is_reported(
 ):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     load_blocks(corpus, "train", tok, SEQ, 0, tmp_path)
-    assert "TOKENIZERS_PARALLELISM=false: tokenizing on one core" in caplog.text
+    assert "TOKENIZERS_PARALLELISM=false: each worker tokenizes on one thread" in caplog.text
 
 
-def test_heldout_split_is_packed_separately(corpus: DomainConfig, tok, tmp_path: Path):
+def test_heldout_split_comes_from_the_same_pass(corpus: DomainConfig, tok, tmp_path: Path):
     heldout = load_blocks(corpus, "heldout", tok, 8, 0, tmp_path)
-    assert heldout.reshape(-1).tolist() == token_stream(corpus, "heldout", tok)[: heldout.size]
+    assert flat(heldout) == token_stream(corpus, "heldout", tok)[: len(heldout) * 8]
     assert block_stats(corpus, "heldout", tok, 8, 0, tmp_path).n_documents == 4
-    assert cache_path(corpus, "heldout", tok, 8, 0, tmp_path) != cache_path(corpus, "train", tok, 8, 0, tmp_path)
+    assert load_packed(corpus, "heldout", tok, 8, 0, tmp_path).name != load_packed(corpus, "train", tok, 8, 0, tmp_path).name
 
 
 def test_second_load_reads_the_cache_without_tokenizing(
-    corpus: DomainConfig, tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    corpus: DomainConfig, tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     cache = tmp_path / "cache"
     first = np.array(load_blocks(corpus, "train", tok, SEQ, 0, cache))
     entry = cache_path(corpus, "train", tok, SEQ, 0, cache)
-    stamp = (entry / "blocks.bin").stat().st_mtime_ns
+    files = {p: p.stat().st_mtime_ns for p in entry.rglob("*")}
 
     def no_more_reading(*args, **kwargs):
-        raise AssertionError("the cached split was read and tokenized again")
+        raise AssertionError("the prepared split was read and tokenized again")
 
-    monkeypatch.setattr(pack, "iter_documents", no_more_reading)
-    monkeypatch.setattr(pack, "_pack", no_more_reading)
-    with caplog.at_level(logging.INFO, logger="cpt.data.pack"):
-        again = load_blocks(corpus, "train", tok, SEQ, 0, cache)
-    assert np.array_equal(again, first)
-    assert f"cached blocks at {entry}" in caplog.text
-    assert (entry / "blocks.bin").stat().st_mtime_ns == stamp
+    monkeypatch.setattr(encode, "unit_documents", no_more_reading)
+    assert np.array_equal(load_blocks(corpus, "train", tok, SEQ, 0, cache), first)
+    assert {p: p.stat().st_mtime_ns for p in entry.rglob("*")} == files
     assert sorted(p.name for p in cache.iterdir()) == [entry.name]  # no staging leftovers
     with pytest.raises(AssertionError, match="read and tokenized again"):
-        load_blocks(corpus, "train", tok, SEQ * 2, 0, cache)  # another seq_len is another entry
+        load_blocks(corpus.model_copy(update={"text_field": "body"}), "train", tok, SEQ, 0, cache)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "drop-meta", "garble-meta", "truncate-starts"])
+@pytest.mark.parametrize("damage", ["truncate-tokens", "drop-meta", "garble-meta", "truncate-starts", "drop-index"])
 def test_a_damaged_cache_entry_is_rebuilt(
     corpus: DomainConfig, tok, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ):
     first = np.array(load_blocks(corpus, "train", tok, SEQ, 0, tmp_path))
     entry = cache_path(corpus, "train", tok, SEQ, 0, tmp_path)
-    if damage == "truncate":
-        os.truncate(entry / "blocks.bin", SEQ * 2 * 3)
+    unit = entry / "units" / "u000000"
+    (index,) = (entry / "splits").iterdir()
+    if damage == "truncate-tokens":
+        os.truncate(unit / "tokens.bin", SEQ * 2 * 3)
     elif damage == "drop-meta":
-        (entry / "meta.json").unlink()
+        (unit / "meta.json").unlink()
     elif damage == "truncate-starts":
-        os.truncate(entry / "doc_starts.bin", 8)
+        os.truncate(index / "train.starts", 8)
+    elif damage == "drop-index":
+        (index / "index.json").unlink()
     else:
-        (entry / "meta.json").write_text('{"n_blocks": ')
+        (unit / "meta.json").write_text('{"n_documents": ')
     assert np.array_equal(load_blocks(corpus, "train", tok, SEQ, 0, tmp_path), first)
-    assert (entry / "blocks.bin").stat().st_size == first.nbytes
-    assert f"ignoring the damaged cache entry {entry}" in caplog.text
+    assert (unit / "tokens.bin").stat().st_size >= first.nbytes
+    assert "ignoring the damaged" in caplog.text
 
 
 def test_concurrent_writers_publish_one_sound_entry(corpus: DomainConfig, tok, tmp_path: Path):
@@ -137,7 +151,9 @@ def test_concurrent_writers_publish_one_sound_entry(corpus: DomainConfig, tok, t
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda _: np.array(load_blocks(corpus, "train", tok, SEQ, 0, cache)), range(2)))
     assert np.array_equal(results[0], results[1])
-    assert [p.name for p in cache.iterdir()] == [cache_path(corpus, "train", tok, SEQ, 0, cache).name]
+    entry = cache_path(corpus, "train", tok, SEQ, 0, cache)
+    assert [p.name for p in cache.iterdir()] == [entry.name]
+    assert [p.name for p in (entry / "units").iterdir()] == ["u000000"] and len(list((entry / "splits").iterdir())) == 1
 
 
 def test_a_changed_source_file_gets_a_new_entry(corpus: DomainConfig, tok, tmp_path: Path):
@@ -145,7 +161,6 @@ def test_a_changed_source_file_gets_a_new_entry(corpus: DomainConfig, tok, tmp_p
     with open(corpus.source, "a") as f:
         f.write(json.dumps({"text": "one more document"}) + "\n")
     assert cache_path(corpus, "train", tok, SEQ, 0, tmp_path) != before
-    assert cache_path(corpus, "train", tok, SEQ, 1, tmp_path) != cache_path(corpus, "train", tok, SEQ, 0, tmp_path)
 
 
 def test_a_domain_without_one_full_block_is_an_error(tmp_path: Path, tok):
@@ -154,7 +169,6 @@ def test_a_domain_without_one_full_block_is_an_error(tmp_path: Path, tok):
     with pytest.raises(CptError, match=r"tiny.txt has \d+ tokens in 1 documents: not one full block") as err:
         load_blocks(DomainConfig(source=str(path), heldout=0), "train", tok, 64, 0, tmp_path / "cache")
     assert err.value.where == "data"
-    assert not any((tmp_path / "cache").iterdir())  # nothing half-written left behind
 
 
 def test_large_vocabularies_pack_as_uint32(tmp_path: Path):
@@ -168,10 +182,10 @@ def test_large_vocabularies_pack_as_uint32(tmp_path: Path):
     path.write_text("w1 w65536 w69000 w2")
     blocks = load_blocks(DomainConfig(source=str(path), heldout=0), "train", big, 5, 0, tmp_path / "cache")
     assert blocks.dtype == np.uint32
-    assert blocks.tolist() == [[1, 65536, 69000, 2, 69999]]
+    assert np.asarray(blocks).tolist() == [[1, 65536, 69000, 2, 69999]]
 
 
-# ----------------------------------------------------------------------------- format 2
+# ----------------------------------------------------------------------------- boundaries and masks
 
 
 def document_lengths(cfg: DomainConfig, split: str, tok) -> list[int]:
@@ -181,19 +195,19 @@ def document_lengths(cfg: DomainConfig, split: str, tok) -> list[int]:
 def test_document_starts_are_the_boundaries_of_the_stream(corpus: DomainConfig, tok, tmp_path: Path):
     packed = load_packed(corpus, "train", tok, SEQ, 0, tmp_path)
     starts = np.concatenate([[0], np.cumsum(document_lengths(corpus, "train", tok))[:-1]])
-    assert packed.doc_starts.tolist() == [s for s in starts.tolist() if s < packed.tokens.size]
+    assert packed.doc_starts.tolist() == [s for s in starts.tolist() if s < len(packed) * SEQ]
     assert packed.loss_mask is None  # plain text: every token is a target
-    eos = packed.tokens.reshape(-1) == tok.eos_token_id
+    eos = np.asarray(packed.tokens).reshape(-1) == tok.eos_token_id
     assert set((packed.doc_starts[1:] - 1).tolist()) <= set(np.flatnonzero(eos).tolist())
 
 
 def test_small_batches_give_the_same_starts_and_masks(tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     cfg = tagged_corpus(tmp_path)
     whole = load_packed(cfg, "train", tok, SEQ, 0, tmp_path / "a", metadata=True)
-    monkeypatch.setattr(pack, "_BATCH_DOCUMENTS", 3)
+    monkeypatch.setattr(encode, "BATCH_DOCUMENTS", 3)
     small = load_packed(cfg, "train", tok, SEQ, 0, tmp_path / "b", metadata=True)
     for name in ("tokens", "doc_starts", "loss_mask"):
-        assert np.array_equal(getattr(small, name), getattr(whole, name)), name
+        assert np.array_equal(np.asarray(getattr(small, name)), np.asarray(getattr(whole, name))), name
 
 
 def tagged_corpus(tmp_path: Path) -> DomainConfig:
@@ -208,7 +222,7 @@ def test_the_metadata_variant_prefixes_each_document_and_masks_the_prefix(tok, t
     cfg = tagged_corpus(tmp_path)
     plain = load_packed(cfg, "train", tok, SEQ, 0, tmp_path)
     tagged = load_packed(cfg, "train", tok, SEQ, 0, tmp_path, metadata=True)
-    assert plain.entry != tagged.entry and tagged.loss_mask is not None
+    assert plain.name != tagged.name and tagged.loss_mask is not None
     stream, mask = [], []
     for prefix, text in iter_tagged(cfg, "train", 0):
         assert prefix.startswith("URL: site") and prefix.endswith(".example.org\n\n")
@@ -216,38 +230,26 @@ def test_the_metadata_variant_prefixes_each_document_and_masks_the_prefix(tok, t
         body = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
         stream += head + body
         mask += [0] * len(head) + [1] * len(body)
-    n = tagged.tokens.size
-    assert tagged.tokens.reshape(-1).tolist() == stream[:n]
-    assert tagged.loss_mask.reshape(-1).tolist() == mask[:n]
+    n = len(tagged) * SEQ
+    assert flat(tagged.tokens) == stream[:n]
+    assert flat(tagged.loss_mask) == mask[:n]
     assert block_stats(cfg, "train", tok, SEQ, 0, tmp_path, metadata=True).n_masked == mask[:n].count(0) > 0
     # the text's tokens are the same in both variants
-    text_tokens = tagged.tokens.reshape(-1)[tagged.loss_mask.reshape(-1) == 1].tolist()
-    plain_tokens = plain.tokens.reshape(-1).tolist()
+    text_tokens = np.asarray(tagged.tokens).reshape(-1)[np.asarray(tagged.loss_mask).reshape(-1) == 1].tolist()
+    plain_tokens = flat(plain.tokens)
     common = min(len(text_tokens), len(plain_tokens))
     assert common > 100 and text_tokens[:common] == plain_tokens[:common]
 
 
-def test_an_entry_of_the_first_format_is_never_read(corpus: DomainConfig, tok, tmp_path: Path,
-                                                     caplog: pytest.LogCaptureFixture):
+def test_a_unit_of_another_format_is_never_read(corpus: DomainConfig, tok, tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture):
     first = np.array(load_blocks(corpus, "train", tok, SEQ, 0, tmp_path))
     entry = cache_path(corpus, "train", tok, SEQ, 0, tmp_path)
-    meta = json.loads((entry / "meta.json").read_text())
-    (entry / "meta.json").write_text(json.dumps(meta | {"format": 1}))
-    (entry / "blocks.bin").write_bytes(np.zeros_like(first).tobytes())  # what a misreading would return
+    unit = entry / "units" / "u000000"
+    meta = json.loads((unit / "meta.json").read_text())
+    (unit / "meta.json").write_text(json.dumps(meta | {"format": 2}))
+    (unit / "tokens.bin").write_bytes(np.zeros(meta["n_tokens"], np.uint16).tobytes())  # what a misreading would return
+    for index in (entry / "splits").iterdir():
+        (index / "index.json").unlink()
     assert np.array_equal(load_blocks(corpus, "train", tok, SEQ, 0, tmp_path), first)
-    assert "of format 1" in caplog.text
-    assert '"format": 1' not in (entry / "meta.json").read_text()
-
-
-def test_the_plain_entry_knows_its_name_under_the_first_format(corpus: DomainConfig, tok, tmp_path: Path):
-    """A checkpoint of a run from before format 2 pinned that name; the tokens are the same, so it resumes."""
-    import hashlib
-
-    from cpt.data.sources import fingerprint
-    from cpt.data.tokenizer import tokenizer_fingerprint
-
-    key = json.dumps([fingerprint(corpus, 0), tokenizer_fingerprint(tok), SEQ, "train", 1])  # format 1's key
-    assert load_packed(corpus, "train", tok, SEQ, 0, tmp_path).former_names() == (
-        f"train-{hashlib.sha256(key.encode()).hexdigest()[:20]}",
-    )
-    assert load_packed(tagged_corpus(tmp_path), "train", tok, SEQ, 0, tmp_path, metadata=True).former_names() == ()
+    assert json.loads((unit / "meta.json").read_text())["format"] == encode.FORMAT

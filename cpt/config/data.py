@@ -158,14 +158,16 @@ class DomainConfig(Strict):
     )
     heldout: float = Field(
         default=0.05,
-        description="Documents held out for evaluation, never trained on: a count when >= 1, a fraction of the "
-        "domain's documents (at least one) when < 1, 0 for none. A seeded random subset; the first ones "
-        "of a stream.",
+        description="Documents held out for evaluation, never trained on: a count when >= 1 (the documents with "
+        "the smallest seeded hashes of their text: exactly that many, whatever order or number of processes reads "
+        "them), a fraction when < 1 (those whose seeded hash falls below it: about that share, at least one), "
+        "0 for none. Chosen in the same single pass as tokenization, streams included.",
     )
     max_documents: int | None = Field(
         default=None,
         gt=0,
-        description="Use at most this many training documents (held-out ones not counted); null: all of them.",
+        description="Read only the source's first this-many non-empty documents; the held-out split is cut from "
+        "them. null: all of them.",
     )
     max_epochs: float | None = Field(
         default=None,
@@ -203,11 +205,6 @@ class DomainConfig(Strict):
     def _hf_options_fit_source(self) -> DomainConfig:
         if self.hf is not None and source_kind(self.source) != "hf":
             raise ValueError(f"hf options apply only to hf: sources, not to {self.source!r}")
-        if self.hf is not None and self.hf.streaming and 0 < self.heldout < 1:
-            raise ValueError(
-                "a streamed dataset has no known size: give heldout as a document count (>= 1), "
-                f"not the fraction {self.heldout}"
-            )
         rows = source_rows(self.source)
         problem = self.metadata and rows is not None and metadata_problem(self.metadata, rows)
         if problem:

@@ -50,6 +50,23 @@ def stdlib_files() -> list[Path]:
     return sorted(found)
 
 
+def stdlib_test_files() -> list[Path]:
+    """The standard library's own test suite (``test/``): code of another style than the library's.
+
+    Debian and Ubuntu move the suite into a separate package and keep only ``test/support`` and
+    regrtest, so the suite counts as installed when its tests of the grammar are there.
+    """
+    root = _stdlib_root() / "test"
+    if not (root / "test_grammar.py").is_file():
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        raise CptError(
+            f"builtin:python-tests needs the standard library's test suite, which this Python lacks (no {root}/"
+            f"test_grammar.py): install libpython{version}-testsuite (Debian, Ubuntu) or python{version}-test (Fedora)",
+            where="source",
+        )
+    return sorted(path for path in root.rglob("*.py") if "__pycache__" not in path.parts)
+
+
 @dataclass(frozen=True)
 class Item:
     """One document of a builtin corpus, named so that any process can read it alone."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from cpt.data.sources import prefix
 from cpt.data.units import Unit, unit_documents
 from cpt.io import io_errors, staged_entry
 
+log = logging.getLogger(__name__)
 STARTS = np.dtype("<u8")
 FORMAT = 3
 # A batch of text handed to the Rust encoder at once: large enough to keep its threads busy,
@@ -67,6 +69,8 @@ def encode_unit(job: UnitJob) -> UnitStats:
     found = read_unit(job.out)
     if found is not None:
         return found
+    if job.out.exists():
+        log.warning("ignoring the damaged or unfinished unit %s: tokenizing it again", job.out)
     faults.point("prepare.unit", job.out)
     meta = job.cfg.metadata if job.metadata else None
     documents = islice(unit_documents(job.cfg, meta, job.unit), job.limit)

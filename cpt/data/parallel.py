@@ -101,6 +101,8 @@ def prepare(
     index = split_dir(entry, cfg, seed)
     if shard is None and read_index(index) is not None:
         return index
+    if index.exists():
+        log.warning("ignoring the damaged split index %s: stitching it again", index)
     planned = units.plan_units(cfg)
     dtype = token_dtype(tokenizer)
     job = lambda unit: UnitJob(cfg, unit, tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id,  # noqa: E731
@@ -243,10 +245,13 @@ def _prefix(done: dict[int, tuple[Path, UnitStats]], limit: int, cap: int | None
 
 
 def read_index(index: Path) -> dict | None:
-    """The split index if complete and of this format (its files the sizes it says); None otherwise."""
+    """The split index if complete and of this format (its files the sizes it says, its units
+    sound); None otherwise."""
     try:
         meta = json.loads((index / "index.json").read_text())
         if meta.get("format") != FORMAT:
+            return None
+        if any(read_unit(index.parent.parent / "units" / name) is None for name in meta["units"]):
             return None
         for split in SPLITS:
             counts = meta["splits"][split]

@@ -134,14 +134,18 @@ def _cut(cfg: DomainConfig, seed: int) -> Cut:
 
 
 def _split(cfg: DomainConfig, meta: MetadataConfig | None, split: Split, seed: int) -> Iterator[Document]:
+    """The split's documents; a bad split name or a domain too small for its held-out split fails here, not later."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
     cut = _cut(cfg, seed)
     check_size(cfg, cut)
-    wanted = split == "heldout"
-    for position, document in enumerate(_documents(cfg, meta)):
+    return _chosen(cut, _documents(cfg, meta), split == "heldout", seed)
+
+
+def _chosen(cut: Cut, documents: Iterator[Document], held: bool, seed: int) -> Iterator[Document]:
+    for position, document in enumerate(documents):
         key = seeded_keys(np.array([text_hash(document[0])], dtype=KEY), seed)
-        if bool(cut.held(key, position)[0]) == wanted:
+        if bool(cut.held(key, position)[0]) == held:
             yield document
 
 

@@ -23,15 +23,18 @@ def check_compatible(sources: Sequence[Source]) -> None:
         _same_tensors(first, other)
 
 
-def _architecture(source: Source) -> str:
-    config = source.config
-    return f"{config.get('model_type')} ({', '.join(config.get('architectures') or []) or 'no architectures'})"
-
-
 def _same_architecture(a: Source, b: Source) -> None:
-    if _architecture(a) != _architecture(b):
-        raise CptError(f"different architectures: {a.name} is {_architecture(a)}, {b.name} is {_architecture(b)}",
-                       WHERE)
+    """The same ``model_type``, and the same ``architectures`` where both name theirs (a config
+    saved without a model, as in a checkpoint, names none)."""
+    type_a, type_b = a.config.get("model_type"), b.config.get("model_type")
+    arch_a, arch_b = a.config.get("architectures"), b.config.get("architectures")
+    if type_a != type_b or (arch_a and arch_b and arch_a != arch_b):
+        raise CptError(f"different architectures: {a.name} is {_described(type_a, arch_a)}, "
+                       f"{b.name} is {_described(type_b, arch_b)}", WHERE)
+
+
+def _described(model_type: str | None, architectures: list[str] | None) -> str:
+    return f"{model_type} ({', '.join(architectures)})" if architectures else str(model_type)
 
 
 def _same_vocabulary(a: Source, b: Source) -> None:
