@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import struct
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -47,7 +48,7 @@ class Spec:
         return torch.Size(self.shape).numel() * self.dtype.itemsize
 
 
-class Source:
+class Source(ABC):
     """One input model: the directory of its config and tokenizer, and its tensors by name."""
 
     def __init__(self, name: str, files_dir: Path, specs: dict[str, Spec]):
@@ -55,9 +56,9 @@ class Source:
         self.files_dir = files_dir
         self.specs = specs  # in the order they are best read
 
+    @abstractmethod
     def read(self, tensor: str) -> torch.Tensor:
         """The tensor in its stored dtype, in memory of its own."""
-        raise NotImplementedError
 
     @cached_property
     def config(self) -> dict[str, Any]:

@@ -56,13 +56,14 @@ def write_shards(out_dir: Path, specs: dict[str, Spec], compute: Callable[[str],
     """Write the tensors ``specs`` lists, each one ``compute(name)`` made when its turn comes, into
     ``model.safetensors`` or, beyond ``max_bytes``, numbered shards and their index."""
     plan = plan_shards(specs, max_bytes)
-    files = [SINGLE] if len(plan) == 1 else [f"model-{i:05d}-of-{len(plan):05d}.safetensors" for i in range(1, len(plan) + 1)]
+    count = len(plan)
+    files = [SINGLE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
     for file, names in zip(files, plan):
         with open(out_dir / file, "wb") as f:
             f.write(header({name: specs[name] for name in names}))
             for name in names:
                 _append(f, name, compute(name), specs[name])
-    if len(plan) > 1:
+    if count > 1:
         index = {"metadata": {"total_size": sum(spec.nbytes for spec in specs.values())},
                  "weight_map": {name: file for file, names in zip(files, plan) for name in names}}
         (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
