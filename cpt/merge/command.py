@@ -20,7 +20,7 @@ def add_merge_parser(commands) -> argparse.ArgumentParser:
     """Add `cpt merge` and its methods to the sub-parsers of the `cpt` command."""
     text = "Merge models of one architecture tensor by tensor: average, interpolate, add an instruction residual."
     merge = commands.add_parser("merge", help=text, description=text)
-    methods = merge.add_subparsers(dest="method", required=True, metavar="METHOD")
+    methods = merge.add_subparsers(dest="method", required=True, metavar="METHOD", help="how to combine the models")
     average = _method(methods, "average", "The uniform or weighted average of several checkpoints of one run.")
     average.add_argument("inputs", nargs="+", metavar="MODEL", help=f"two or more, each {MODEL_HELP}")
     average.add_argument("--weights", metavar="W1,W2,...",
