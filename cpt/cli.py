@@ -11,6 +11,7 @@ from pathlib import Path
 from cpt.errors import CptError, CptErrors
 from cpt.eval.command import add_eval_parser, cmd_eval
 from cpt.laws.command import add_fit_parser, cmd_fit
+from cpt.merge.command import add_merge_parser, cmd_merge
 from cpt.paths import check_output_dir, check_output_file
 from cpt.report import add_report_parsers, cmd_compare, cmd_report
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--png", type=Path, metavar="PATH", help="also draw lr and mixture over each stage")
     prepare = recipe_command("prepare", "Tokenize and pack every domain the recipe reads, without training.")
     prepare.add_argument("--workers", type=_positive, metavar="N", help="worker processes (default: the usable cores)")
-    prepare.add_argument("--shard", metavar="I/N", help="prepare only share I of N of each domain (0-based), e.g. one "
+    prepare.add_argument("--shard", type=_shard, metavar="I/N", help="prepare only share I of N of each domain (0-based), e.g. one "
                          "task of a Slurm array; a final run without --shard stitches the shards")
     run = recipe_command("run", "Train every stage of a recipe (resumable; starts its own processes when asked to).")
     run.add_argument("--output-dir", type=Path, help="run directory (default: the recipe's output_dir)")
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(commands)
     add_report_parsers(commands)
     add_fit_parser(commands)
+    add_merge_parser(commands)
 
     sweep = recipe_command("sweep", "Run one stage at several domain ratios and tabulate losses per token budget.")
     sweep.add_argument("--stage", required=True, metavar="NAME", help="the stage to sweep (it needs an earlier stage)")
@@ -93,6 +95,15 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
+
+
+def _shard(text: str):
+    from cpt.data.parallel import Shard
+
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _numbers(kind):
@@ -190,10 +201,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     import logging
 
     from cpt.config.load import load_recipe
-    from cpt.data.parallel import Shard
     from cpt.prepare import builtin_lines, describe, prepare_recipe
 
-    shard = None if args.shard is None else Shard.parse(args.shard)
+    shard = args.shard
     recipe = load_recipe(args.recipe, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for line in builtin_lines(recipe):
@@ -251,7 +261,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 COMMANDS = {
     "validate": cmd_validate, "plan": cmd_plan, "prepare": cmd_prepare, "run": cmd_run, "anneal": cmd_anneal, "export": cmd_export,
     "eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report, "compare": cmd_compare,
-    "fit": cmd_fit,
+    "fit": cmd_fit, "merge": cmd_merge,
 }
 
 

@@ -347,6 +347,8 @@ def cli_page() -> str:
     out += [f"| `cpt {name}` | {_cell(help_text)} |" for name, (help_text, _) in commands.items()]
     for help_text, sub in commands.values():
         out += command_section(sub, help_text)
+        for nested_help, nested in subcommands(sub).values():  # e.g. `cpt merge METHOD`
+            out += command_section(nested, nested_help)
     return "\n".join(out) + "\n"
 
 

@@ -77,7 +77,13 @@ class Item:
 
 
 def items(corpus: str) -> list[Item]:
-    """The documents of ``builtin:<corpus>`` in their fixed order (each read by :func:`read_item`)."""
+    """The documents of ``builtin:<corpus>`` in their fixed order (each read by :func:`read_item`);
+    listed once per process and standard library, as every unit of the corpus needs the list."""
+    return _items(corpus, _stdlib_root())
+
+
+@functools.cache
+def _items(corpus: str, root: Path) -> list[Item]:
     if corpus == "python-stdlib":
         return [Item("module", module_path(p), p.stat().st_size) for p in _stdlib_files_or_error()]
     if corpus == "python-tests":

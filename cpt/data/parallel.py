@@ -63,9 +63,9 @@ class Shard:
         try:
             index, count = (int(part) for part in text.split("/"))
         except ValueError:
-            raise CptError(f"expected i/n with whole numbers, e.g. 0/4, not {text!r}", "--shard") from None
+            raise ValueError(f"expected i/n with whole numbers, e.g. 0/4, not {text!r}") from None
         if not 0 <= index < count:
-            raise CptError(f"{text}: the shard index must be at least 0 and below the shard count", "--shard")
+            raise ValueError(f"{text}: the shard index must be at least 0 and below the shard count")
         return cls(index, count)
 
 
@@ -107,8 +107,10 @@ def prepare(
     dtype = token_dtype(tokenizer)
     job = lambda unit: UnitJob(cfg, unit, tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id,  # noqa: E731
                                dtype.name, metadata, unit_dir(entry, unit.index))
-    if shard is not None:
-        _run([job(u) for u in planned if u.index % shard.count == shard.index], workers, cfg.source, cap=None)
+    if shard is not None:  # a capped domain is read only up to its cap, in order: by the first shard
+        mine = [job(u) for u in planned if u.index % shard.count == shard.index] if cfg.max_documents is None else \
+            [job(u) for u in planned] if shard.index == 0 else []
+        _run(mine, workers, cfg.source, cap=cfg.max_documents)
         return None
     needed = _run([job(u) for u in planned], workers, cfg.source, cap=cfg.max_documents)
     _stitch(index, cfg, seed, needed, dtype, metadata)
@@ -132,14 +134,18 @@ def _run(jobs: list[UnitJob], workers: int | None, source: str, cap: int | None)
     directory of its own (``u000003-first120``): a small cap never reads a whole large unit."""
     done: dict[int, tuple[Path, UnitStats]] = {}
     for position, job in enumerate(jobs):
-        found = read_unit(job.out)
-        if found is not None:
-            done[position] = (job.out, found)
+        if not _needed(done, position, cap):
+            break
+        for candidate in (job, _capped(job, done, position, cap)):  # the whole unit, or its first documents
+            found = read_unit(candidate.out)
+            if found is not None:
+                done[position] = (candidate.out, found)
+                break
     todo = [p for p in range(len(jobs)) if p not in done]
     n = min(workers or usable_cores(), len(todo))
     if todo and os.environ.get("TOKENIZERS_PARALLELISM", "unset").lower() in _OFF:
         log.warning("TOKENIZERS_PARALLELISM=%s: each worker tokenizes on one thread", os.environ["TOKENIZERS_PARALLELISM"])
-    bar = tqdm(total=sum(jobs[p].unit.size for p in todo) or None, unit="B", unit_scale=True, desc=source,
+    bar = tqdm(total=None if cap else sum(jobs[p].unit.size for p in todo) or None, unit="B", unit_scale=True, desc=source,
                disable=None if todo else True, dynamic_ncols=True)
     started = time.perf_counter()
     try:
@@ -184,7 +190,7 @@ def _pool(jobs: list[UnitJob], todo: list[int], done: dict[int, tuple[Path, Unit
     with ProcessPoolExecutor(n, mp_context=context, initializer=_init_worker) as pool:
         try:
             while queue or running:
-                while queue and len(running) < n and _needed(done, queue[0], cap):
+                while queue and len(running) < n and _needed(done, queue[0], cap) and _near(done, queue[0], cap, n):
                     position = queue.pop(0)
                     job = _capped(jobs[position], done, position, cap)
                     running[pool.submit(encode_unit, job)] = (position, job.out)
@@ -229,6 +235,12 @@ def _needed(done: dict[int, tuple[Path, UnitStats]], position: int, cap: int | N
         if documents >= cap:
             return False
     return True
+
+
+def _near(done: dict[int, tuple[Path, UnitStats]], position: int, cap: int | None, n: int) -> bool:
+    """Under a cap, whether unit ``position`` is within ``n`` of the first unit not yet known:
+    at most ``n - 1`` units are read past the one where the cap falls."""
+    return cap is None or position < next(p for p in range(position + 1) if p not in done) + n
 
 
 def _prefix(done: dict[int, tuple[Path, UnitStats]], limit: int, cap: int | None) -> int:
