@@ -154,7 +154,7 @@ def _json_row(line: str, path: Path, line_no: Callable[[], int], text_field: str
             f"{path}:{line_no()}: expected one JSON object per line ({e.msg}); use hf:json for other JSON layouts",
             where="source",
         ) from e
-    return row_document(row, text_field, fields, f"{path}:{line_no()}")
+    return row_document(row, text_field, fields, lambda: f"{path}:{line_no()}")
 
 
 def _line_number(path: Path, offset: int) -> int:
@@ -203,12 +203,17 @@ def _parquet_documents(path: Path, text_field: str, fields: Sequence[str], span:
         yield from batch_documents(batch.to_pydict(), text_field, fields, str(path))
 
 
-def row_document(row: object, text_field: str, fields: Sequence[str], where: str) -> Document:
+Where = str | Callable[[], str]  # a place for an error message, worked out only when one is raised
+
+
+def row_document(row: object, text_field: str, fields: Sequence[str], where: Where) -> Document:
     """One row's document: a missing field is an error, a null text an empty document."""
     for name in (text_field, *fields):
         if not isinstance(row, dict) or name not in row:
-            raise CptError(f"{where}: no field {name!r}", where="source")
-    return as_text(row[text_field], where), {name: as_value(row[name], f"{where}: field {name!r}") for name in fields}
+            raise CptError(f"{_place(where)}: no field {name!r}", where="source")
+    return as_text(row[text_field], where), {
+        name: as_value(row[name], lambda name=name: f"{_place(where)}: field {name!r}") for name in fields
+    }
 
 
 def batch_documents(
@@ -222,16 +227,16 @@ def batch_documents(
         yield text, dict(zip(fields, row))
 
 
-def as_text(value: object, where: str) -> str:
+def as_text(value: object, where: Where) -> str:
     """A document's text from a field or column: a missing value is an empty document."""
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise CptError(f"{where}: expected text, found {type(value).__name__}", where="source")
+        raise CptError(f"{_place(where)}: expected text, found {type(value).__name__}", where="source")
     return value
 
 
-def as_value(value: object, where: str) -> str:
+def as_value(value: object, where: Where) -> str:
     """A metadata value from a field or column: text, or a number written as text; a null is an error, since a
     prefix without its value would teach the model a wrong one."""
     if isinstance(value, str):
@@ -239,7 +244,11 @@ def as_value(value: object, where: str) -> str:
     if isinstance(value, (int, float)):
         return str(value)
     found = "null" if value is None else type(value).__name__
-    raise CptError(f"{where}: expected text or a number as metadata, found {found}", where="source")
+    raise CptError(f"{_place(where)}: expected text or a number as metadata, found {found}", where="source")
+
+
+def _place(where: Where) -> str:
+    return where if isinstance(where, str) else where()
 
 
 def file_stamp(path: Path) -> list[Any]:

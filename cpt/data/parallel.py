@@ -221,6 +221,10 @@ def _init_worker() -> None:
 
 
 def _report(bar: tqdm, stats: UnitStats) -> UnitStats:
+    """Advance the bar by a finished unit's bytes; show the documents and tokens so far."""
+    bar.documents = getattr(bar, "documents", 0) + stats.n_documents
+    bar.tokens = getattr(bar, "tokens", 0) + stats.n_tokens
+    bar.set_postfix_str(f"{bar.documents:,} documents, {bar.tokens:,} tokens", refresh=False)
     bar.update(stats.size)
     return stats
 
