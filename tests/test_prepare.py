@@ -250,3 +250,23 @@ def test_tagged_and_plain_units_hold_the_same_texts(corpus: DomainConfig, tok, t
     tagged = load_packed(rows, "train", tok, SEQ, 0, tmp_path, metadata=True, workers=2)
     plain = load_packed(rows, "train", tok, SEQ, 0, tmp_path, workers=2)
     assert tagged.stats.n_documents == plain.stats.n_documents and tagged.stats.n_masked > 0
+
+
+def test_a_dataset_in_row_ranges_a_stream_and_the_file_give_the_same_splits(corpus: DomainConfig, tok, tmp_path: Path,
+                                                                              monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    rows = str(Path(corpus.source).parent / "a.jsonl")
+    local = DomainConfig(source=rows, heldout=5)
+    prepared = DomainConfig(source="hf:json", hf={"data_files": rows}, heldout=5)
+    streamed = DomainConfig(source="hf:json", hf={"data_files": rows, "streaming": True}, heldout=5)
+    assert len(units.plan_units(prepared)) > 3 and len(units.plan_units(streamed)) == 1
+    reference = contents(local, tok, tmp_path / "local")
+    for cfg, workers in ((prepared, 2), (streamed, 2)):
+        got = {}
+        for split in ("train", "heldout"):
+            packed = load_packed(cfg, split, tok, SEQ, 0, tmp_path / "hub", workers=workers)
+            got[f"{split}.tokens"] = np.asarray(packed.tokens).tobytes()
+            got[f"{split}.starts"] = np.asarray(packed.doc_starts).tobytes()
+        assert got == reference, cfg.hf

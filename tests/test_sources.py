@@ -117,6 +117,16 @@ def test_python_tests_without_the_suite_is_an_error_naming_the_package(tmp_path:
         assert err.value.where == "source"
 
 
+def test_a_python_without_its_library_sources_is_an_error(tmp_path: Path, monkeypatch):
+    """An embedded or stripped build (only .pyc files): the builtin code and prose corpora say so in one line."""
+    paths = sysconfig.get_paths() | {"stdlib": str(tmp_path)}
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: paths)
+    for name in ("python-stdlib", "python-docs"):
+        with pytest.raises(CptError, match=f"no standard library sources under {tmp_path}") as err:
+            check_domain(DomainConfig(source=f"builtin:{name}"))
+        assert err.value.where == "source"
+
+
 def test_builtins_pass_their_checks_and_have_stable_fingerprints():
     for name in BUILTINS:  # every name the schema accepts has a reader
         if name != "python-tests":
