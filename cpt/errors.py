@@ -28,6 +28,9 @@ class CptErrors(CptError):
         super().__init__("; ".join(str(e) for e in errors))
         self.errors = errors
 
+    def __reduce__(self):
+        return type(self), (self.errors,)
+
 
 def first_line(error: BaseException) -> str:
     """The first line of a library's exception: their messages often run over many lines."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from cpt.config.data import source_kind
 from cpt.config.recipe import Recipe
 from cpt.data import builtin
+from cpt.data.mixture import metadata_steps
 from cpt.data.parallel import Shard, domain_entry, prepare, read_index
 from cpt.errors import CptError
 from cpt.plan import recipe_domains_until, stage_tokenizer
@@ -37,8 +38,9 @@ def prepare_recipe(recipe: Recipe, workers: int | None = None, shard: Shard | No
     tokenizer = None
     for stage in recipe.stages:
         tokenizer = stage_tokenizer(recipe, stage, tokenizer)
+        conditioned = bool(metadata_steps(stage.mixture, stage.total_steps).any())  # as cpt.plan reads them
         for name, cfg in recipe_domains_until(recipe, stage).items():
-            for metadata in (False, True) if cfg.metadata is not None else (False,):
+            for metadata in (False, True) if cfg.metadata is not None and conditioned else (False,):
                 entry = domain_entry(cfg, tokenizer, cache, metadata)
                 if entry in done:
                     continue

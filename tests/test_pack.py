@@ -94,7 +94,7 @@ def test_disabled_tokenizer_parallelism_is_reported(
 ):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     load_blocks(corpus, "train", tok, SEQ, 0, tmp_path)
-    assert "TOKENIZERS_PARALLELISM=false: each worker tokenizes on one thread" in caplog.text
+    assert "TOKENIZERS_PARALLELISM=false: tokenizing on one thread" in caplog.text
 
 
 def test_heldout_split_comes_from_the_same_pass(corpus: DomainConfig, tok, tmp_path: Path):
@@ -109,7 +109,7 @@ def test_second_load_reads_the_cache_without_tokenizing(
 ):
     cache = tmp_path / "cache"
     first = np.array(load_blocks(corpus, "train", tok, SEQ, 0, cache))
-    entry = cache_path(corpus, "train", tok, SEQ, 0, cache)
+    entry = cache_path(corpus, tok, cache)
     files = {p: p.stat().st_mtime_ns for p in entry.rglob("*")}
 
     def no_more_reading(*args, **kwargs):
@@ -128,7 +128,7 @@ def test_a_damaged_cache_entry_is_rebuilt(
     corpus: DomainConfig, tok, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ):
     first = np.array(load_blocks(corpus, "train", tok, SEQ, 0, tmp_path))
-    entry = cache_path(corpus, "train", tok, SEQ, 0, tmp_path)
+    entry = cache_path(corpus, tok, tmp_path)
     unit = entry / "units" / "u000000"
     (index,) = (entry / "splits").iterdir()
     if damage == "truncate-tokens":
@@ -151,16 +151,16 @@ def test_concurrent_writers_publish_one_sound_entry(corpus: DomainConfig, tok, t
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda _: np.array(load_blocks(corpus, "train", tok, SEQ, 0, cache)), range(2)))
     assert np.array_equal(results[0], results[1])
-    entry = cache_path(corpus, "train", tok, SEQ, 0, cache)
+    entry = cache_path(corpus, tok, cache)
     assert [p.name for p in cache.iterdir()] == [entry.name]
     assert [p.name for p in (entry / "units").iterdir()] == ["u000000"] and len(list((entry / "splits").iterdir())) == 1
 
 
 def test_a_changed_source_file_gets_a_new_entry(corpus: DomainConfig, tok, tmp_path: Path):
-    before = cache_path(corpus, "train", tok, SEQ, 0, tmp_path)
+    before = cache_path(corpus, tok, tmp_path)
     with open(corpus.source, "a") as f:
         f.write(json.dumps({"text": "one more document"}) + "\n")
-    assert cache_path(corpus, "train", tok, SEQ, 0, tmp_path) != before
+    assert cache_path(corpus, tok, tmp_path) != before
 
 
 def test_a_domain_without_one_full_block_is_an_error(tmp_path: Path, tok):
@@ -244,7 +244,7 @@ def test_the_metadata_variant_prefixes_each_document_and_masks_the_prefix(tok, t
 def test_a_unit_of_another_format_is_never_read(corpus: DomainConfig, tok, tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture):
     first = np.array(load_blocks(corpus, "train", tok, SEQ, 0, tmp_path))
-    entry = cache_path(corpus, "train", tok, SEQ, 0, tmp_path)
+    entry = cache_path(corpus, tok, tmp_path)
     unit = entry / "units" / "u000000"
     meta = json.loads((unit / "meta.json").read_text())
     (unit / "meta.json").write_text(json.dumps(meta | {"format": 2}))

@@ -21,7 +21,7 @@ from cpt.data.parallel import Shard, prepare
 from cpt.data.selection import find_cut, rule, seeded_keys, text_hash
 from cpt.data.sources import iter_documents, iter_tagged
 from cpt.data.tokenizer import train_tokenizer
-from cpt.errors import CptError
+from cpt.errors import CptError, CptErrors
 
 SEQ = 16
 
@@ -224,9 +224,19 @@ def test_an_unreadable_file_midway_leaves_no_index(corpus: DomainConfig, tok, tm
         with pytest.raises(CptError, match=r"a.jsonl:201: expected one JSON object per line") as err:
             prepare(plain, tok, tmp_path / "cache", 0, workers=workers)
         assert err.value.where == "source"
-    entry = cache_path(plain, "train", tok, SEQ, 0, tmp_path / "cache")
+    entry = cache_path(plain, tok, tmp_path / "cache")
     assert not (entry / "splits").exists()  # nothing a reader would use
     assert not list(entry.glob("units/.tmp*"))
+
+
+def test_a_file_that_cannot_be_read_midway_is_one_error(corpus: DomainConfig, tok, tmp_path: Path):
+    (Path(corpus.source).parent / "b.jsonl.gz").write_bytes(b"not gzip at all" * 100)  # between a.jsonl and b0.txt
+    plain = corpus.model_copy(update={"metadata": None})
+    for workers in (1, 2):
+        with pytest.raises(CptError, match=r"cannot read .*b.jsonl.gz") as err:
+            prepare(plain, tok, tmp_path / "cache", 0, workers=workers)
+        assert err.value.where == "source"
+    assert not list((tmp_path / "cache").glob("*/splits"))
 
 
 def test_a_dying_worker_is_an_error_and_the_next_run_finishes(corpus: DomainConfig, tok, tmp_path: Path, monkeypatch):
@@ -235,7 +245,7 @@ def test_a_dying_worker_is_an_error_and_the_next_run_finishes(corpus: DomainConf
     with pytest.raises(CptError, match="a preparation worker died") as err:
         prepare(plain, tok, tmp_path / "cache", 0, workers=2)
     assert err.value.where == plain.source
-    entry = cache_path(plain, "train", tok, SEQ, 0, tmp_path / "cache")
+    entry = cache_path(plain, tok, tmp_path / "cache")
     assert not (entry / "splits").exists()
     kept = list(entry.glob("units/u*"))
     assert all(encode.read_unit(unit) is not None for unit in kept)
@@ -252,21 +262,45 @@ def test_tagged_and_plain_units_hold_the_same_texts(corpus: DomainConfig, tok, t
     assert tagged.stats.n_documents == plain.stats.n_documents and tagged.stats.n_masked > 0
 
 
-def test_a_dataset_in_row_ranges_a_stream_and_the_file_give_the_same_splits(corpus: DomainConfig, tok, tmp_path: Path,
-                                                                              monkeypatch):
+def test_a_dataset_in_row_ranges_a_stream_in_shards_and_the_files_give_the_same_splits(
+    corpus: DomainConfig, tok, tmp_path: Path, monkeypatch
+):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    rows = str(Path(corpus.source).parent / "a.jsonl")
-    local = DomainConfig(source=rows, heldout=5)
-    prepared = DomainConfig(source="hf:json", hf={"data_files": rows}, heldout=5)
-    streamed = DomainConfig(source="hf:json", hf={"data_files": rows, "streaming": True}, heldout=5)
-    assert len(units.plan_units(prepared)) > 3 and len(units.plan_units(streamed)) == 1
+    lines = (Path(corpus.source).parent / "a.jsonl").read_text().splitlines(keepends=True)
+    parts = [tmp_path / f"part{i}.jsonl" for i in range(3)]
+    for i, path in enumerate(parts):
+        path.write_text("".join(lines[i * 80 : (i + 1) * 80]))
+    names = [str(path) for path in parts]
+    local = DomainConfig(source=str(tmp_path / "part*.jsonl"), heldout=5)
+    prepared = DomainConfig(source="hf:json", hf={"data_files": names}, heldout=5)
+    streamed = DomainConfig(source="hf:json", hf={"data_files": names, "streaming": True}, heldout=5)
+    assert len(units.plan_units(prepared)) > 3 and len(units.plan_units(streamed)) == 3
     reference = contents(local, tok, tmp_path / "local")
-    for cfg, workers in ((prepared, 2), (streamed, 2)):
+    for cfg in (prepared, streamed):
         got = {}
         for split in ("train", "heldout"):
-            packed = load_packed(cfg, split, tok, SEQ, 0, tmp_path / "hub", workers=workers)
+            packed = load_packed(cfg, split, tok, SEQ, 0, tmp_path / "hub", workers=2)
             got[f"{split}.tokens"] = np.asarray(packed.tokens).tobytes()
             got[f"{split}.starts"] = np.asarray(packed.doc_starts).tobytes()
         assert got == reference, cfg.hf
+
+
+def test_errors_cross_from_workers_whole():
+    import pickle
+
+    error = CptError("a message", where="a place")
+    assert str(pickle.loads(pickle.dumps(error))) == "a place: a message"
+    several = CptErrors([error, CptError("another", where="elsewhere")])
+    assert [str(e) for e in pickle.loads(pickle.dumps(several)).errors] == ["a place: a message", "elsewhere: another"]
+
+
+def test_no_heldout_and_a_cap_beyond_the_corpus(corpus: DomainConfig, tok, tmp_path: Path):
+    plain = corpus.model_copy(update={"metadata": None, "heldout": 0, "max_documents": 10**6})
+    packed = load_packed(plain, "train", tok, SEQ, 0, tmp_path, workers=2)
+    assert packed.stats.n_documents == len(list(iter_documents(plain, "train", 0))) > 300
+    with pytest.raises(CptError, match="has 0 tokens in 0 documents"):
+        load_packed(plain, "heldout", tok, SEQ, 0, tmp_path)
+    made = sorted(p.name for p in tmp_path.glob("*/units/*"))
+    assert not [name for name in made if "-first" in name]  # units the cap did not cut are whole units

@@ -37,8 +37,8 @@ class HFOptions(Strict):
     )
     streaming: bool = Field(
         default=False,
-        description="Read the dataset as a stream instead of downloading it first; heldout must then be "
-        "a count, taken from the first documents.",
+        description="Read the dataset as a stream instead of downloading it first: read once as it streams, "
+        "with the same held-out split as the same documents read any other way.",
     )
 
 

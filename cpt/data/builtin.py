@@ -102,15 +102,17 @@ def read_item(item: Item) -> tuple[str, str] | None:
     if item.kind == "topic":
         return _pydoc_topics()[item.name], item.name
     path = _stdlib_root() / item.name
-    if item.kind == "docstrings":
-        return module_docstrings(path), module_name(path)
     try:
+        if item.kind == "docstrings":
+            return module_docstrings(path), module_name(path)
         with tokenize.open(path) as f:  # honours a module's coding declaration
             return f.read(), item.name
-    except (SyntaxError, UnicodeDecodeError):
+    except (SyntaxError, UnicodeDecodeError) as e:
         if item.kind == "test":
             return None
-        raise
+        raise CptError(f"cannot read {path}: {e}", where="source") from None
+    except OSError as e:
+        raise CptError(f"cannot read {path}: {e.strerror or e}", where="source") from None
 
 
 def documents(corpus: str) -> Iterator[tuple[str, str]]:

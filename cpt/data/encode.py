@@ -18,7 +18,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -64,27 +66,45 @@ class UnitStats:
     size: int  # bytes of source text the unit was planned as
 
 
-def encode_unit(job: UnitJob) -> UnitStats:
-    """Tokenize the unit into ``job.out``, unless a sound directory is already there."""
-    found = read_unit(job.out)
-    if found is not None:
-        return found
-    if job.out.exists():
-        log.warning("ignoring the damaged or unfinished unit %s: tokenizing it again", job.out)
+def encode_unit(job: UnitJob) -> tuple[Path, UnitStats]:
+    """Tokenize the unit, unless a sound directory of it is already there; where it is, and its counts.
+
+    With a ``limit``, only the unit's first documents are read, into ``<unit>-first<limit>``; a unit
+    that ends before the limit is whole, and goes where an uncapped run would look for it."""
+    cut = job.out if job.limit is None else limited_dir(job.out, job.limit)
+    for candidate in dict.fromkeys((job.out, cut)):
+        found = read_unit(candidate)
+        if found is not None:
+            return candidate, found
+        if candidate.exists():
+            log.warning("ignoring the damaged or unfinished unit %s: tokenizing it again", candidate)
     faults.point("prepare.unit", job.out)
     meta = job.cfg.metadata if job.metadata else None
-    documents = islice(unit_documents(job.cfg, meta, job.unit), job.limit)
-    records = ((prefix(meta, values) if meta else "", text) for text, values in documents)
-    with staged_entry(job.out, lambda d: read_unit(d) is not None) as staging, io_errors(job.out):
-        with open(staging / "tokens.bin", "wb") as tokens, open(staging / "starts.bin", "wb") as starts, \
-                open(staging / "hashes.bin", "wb") as hashes, \
-                open(staging / "mask.bin" if job.metadata else os.devnull, "wb") as mask:
-            counts = _encode(records, _backend(job.tokenizer), job.eos, np.dtype(job.dtype), tokens, starts, hashes,
-                             mask if job.metadata else None)
+    documents = unit_documents(job.cfg, meta, job.unit)
+    records = ((prefix(meta, values) if meta else "", text) for text, values in islice(documents, job.limit))
+    names = ("tokens.bin", "starts.bin", "hashes.bin", *(("mask.bin",) if job.metadata else ()))
+    # Readers report their own failures (CptError naming the source): an OSError here is a failed write.
+    with staged_entry(cut, lambda d: read_unit(d) is not None) as staging, io_errors(cut):
+        with ExitStack() as files:
+            opened = {name: files.enter_context(open(staging / name, "wb")) for name in names}
+            counts = _encode(records, _backend(job.tokenizer), job.eos, np.dtype(job.dtype), opened["tokens.bin"],
+                             opened["starts.bin"], opened["hashes.bin"], opened.get("mask.bin"))
         stats = UnitStats(*counts, job.unit.size)
+        whole = job.limit is None or next(documents, None) is None
         (staging / "meta.json").write_text(json.dumps(asdict(stats) | {"format": FORMAT, "dtype": job.dtype,
                                                                        "metadata": job.metadata}))
-    return stats
+    if whole and cut != job.out:  # the cap did not cut it: publish it as the whole unit
+        try:
+            os.rename(cut, job.out)
+        except OSError:  # another process published the whole unit first
+            shutil.rmtree(cut, ignore_errors=True)
+        cut = job.out
+    return cut, stats
+
+
+def limited_dir(out: Path, limit: int) -> Path:
+    """The directory of a unit's first ``limit`` documents."""
+    return out.with_name(f"{out.name}-first{limit}")
 
 
 def read_unit(out: Path) -> UnitStats | None:

@@ -168,26 +168,16 @@ def _line_number(path: Path, offset: int) -> int:
     return lines
 
 
-def parquet_parts(path: Path, unit_bytes: int) -> list[tuple[Any, int]]:
-    """A parquet file as runs of whole row groups of about ``unit_bytes`` (uncompressed), for
-    :mod:`cpt.data.units`: (Part, bytes) pairs."""
+def row_group_sizes(path: Path) -> list[int]:
+    """Uncompressed bytes of each row group of a parquet file: what a share of it is measured in."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from cpt.data.units import Part
 
     try:
         meta = pq.ParquetFile(path).metadata
     except (OSError, pa.ArrowException) as e:
         raise CptError(f"{path} is not a readable parquet file: {e}", where="source") from e
-    parts: list[tuple[Any, int]] = []
-    first, total = 0, 0
-    for group in range(meta.num_row_groups):
-        total += meta.row_group(group).total_byte_size
-        if total >= unit_bytes or group == meta.num_row_groups - 1:
-            parts.append((Part(str(path), first, group + 1), total))
-            first, total = group + 1, 0
-    return parts or [(Part(str(path), 0, 0), 0)]
+    return [meta.row_group(group).total_byte_size for group in range(meta.num_row_groups)]
 
 
 def _parquet_documents(path: Path, text_field: str, fields: Sequence[str], span: tuple[int, int] | None) -> Iterator[Document]:

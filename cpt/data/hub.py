@@ -14,9 +14,10 @@ from cpt.data.files import ROWS_PER_BATCH, Document, batch_documents, row_docume
 from cpt.errors import CptError
 
 
-def hf_documents(cfg: DomainConfig, fields: Sequence[str] = (), rows: tuple[int, int] | None = None) -> Iterator[Document]:
-    """The documents of the dataset's split in row order (only rows ``[start, end)`` when given),
-    each with its values of the columns ``fields``."""
+def hf_documents(cfg: DomainConfig, fields: Sequence[str] = (), share: tuple[int, int] | None = None) -> Iterator[Document]:
+    """The documents of the dataset's split in row order, each with its values of the columns
+    ``fields``; ``share``: only rows ``[start, end)`` of a prepared dataset, or shard ``(index,
+    count)`` of a stream (its data files, in order)."""
     dataset = _load(cfg)
     wanted = list(dict.fromkeys([cfg.text_field, *fields]))
     columns = dataset.column_names
@@ -24,14 +25,24 @@ def hf_documents(cfg: DomainConfig, fields: Sequence[str] = (), rows: tuple[int,
     if missing:
         listed = ", ".join(columns)
         raise CptError(f"{cfg.source} has no column {missing[0]!r}; its columns: {listed}", where="source")
-    if cfg.hf is not None and cfg.hf.streaming:
-        for row in dataset:
-            yield row_document(row, cfg.text_field, fields, f"{cfg.source}: a row")
-        return
-    if rows is not None:
-        dataset = dataset.select(range(*rows))
-    for batch in dataset.select_columns(wanted).iter(batch_size=ROWS_PER_BATCH):
-        yield from batch_documents(batch, cfg.text_field, fields, cfg.source)
+    try:
+        if cfg.hf is not None and cfg.hf.streaming:
+            if share is not None:
+                dataset = dataset.shard(num_shards=share[1], index=share[0], contiguous=True)
+            for row in dataset:
+                yield row_document(row, cfg.text_field, fields, f"{cfg.source}: a row")
+            return
+        if share is not None:
+            dataset = dataset.select(range(*share))
+        for batch in dataset.select_columns(wanted).iter(batch_size=ROWS_PER_BATCH):
+            yield from batch_documents(batch, cfg.text_field, fields, cfg.source)
+    except OSError as e:  # a stream cut off, a file gone since the dataset was prepared
+        raise CptError(f"cannot read dataset {cfg.source}: {e}", where="source") from e
+
+
+def stream_shards(cfg: DomainConfig) -> int:
+    """How many shards (data files) a streamed dataset has: its units, read independently."""
+    return _load(cfg).n_shards
 
 
 def dataset_size(cfg: DomainConfig) -> tuple[int, int]:
@@ -40,7 +51,17 @@ def dataset_size(cfg: DomainConfig) -> tuple[int, int]:
     return dataset.num_rows, dataset.data.nbytes
 
 
+_loaded: dict[str, object] = {}  # per process: every unit of a dataset reads the same one
+
+
 def _load(cfg: DomainConfig):
+    key = cfg.model_dump_json()
+    if key not in _loaded:
+        _loaded[key] = _load_dataset(cfg)
+    return _loaded[key]
+
+
+def _load_dataset(cfg: DomainConfig):
     import datasets
 
     opts = cfg.hf or HFOptions()

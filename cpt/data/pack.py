@@ -13,7 +13,6 @@ formats before 3 live under other keys and are never read.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 __all__ = ["BlockStats", "Packed", "block_stats", "cache_path", "load_blocks", "load_packed", "token_dtype"]
-STARTS_DTYPE = STARTS
 
 
 @dataclass(frozen=True)
@@ -77,11 +75,8 @@ class Packed:
         return int(self.tokens.shape[1])
 
 
-def cache_path(
-    cfg: DomainConfig, split: Split, tokenizer: PreTrainedTokenizerFast, seq_len: int, seed: int, cache_dir: Path,
-    metadata: bool = False,
-) -> Path:
-    """The directory of the domain's prepared documents (every split and block length reads it)."""
+def cache_path(cfg: DomainConfig, tokenizer: PreTrainedTokenizerFast, cache_dir: Path, metadata: bool = False) -> Path:
+    """The directory of the domain's prepared documents (every split, seed and block length reads it)."""
     return domain_entry(cfg, tokenizer, Path(cache_dir), metadata)
 
 

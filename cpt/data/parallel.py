@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cpt.config.data import DomainConfig
-from cpt.data.encode import FORMAT, STARTS, UnitJob, UnitStats, encode_unit, read_unit
+from cpt.data.encode import FORMAT, STARTS, UnitJob, UnitStats, encode_unit, limited_dir, read_unit
 from cpt.data.selection import check_size, find_cut, seeded_keys
 from cpt.data.sources import documents_fingerprint, metadata_fingerprint
 from cpt.data.tokenizer import tokenizer_fingerprint
@@ -101,12 +101,13 @@ def prepare(
     index = split_dir(entry, cfg, seed)
     if shard is None and read_index(index) is not None:
         return index
-    if index.exists():
+    elif shard is None and index.exists():
         log.warning("ignoring the damaged split index %s: stitching it again", index)
     planned = units.plan_units(cfg)
     dtype = token_dtype(tokenizer)
-    job = lambda unit: UnitJob(cfg, unit, tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id,  # noqa: E731
-                               dtype.name, metadata, unit_dir(entry, unit.index))
+    definition = tokenizer.backend_tokenizer.to_str()  # one string, shared by every job
+    job = lambda unit: UnitJob(cfg, unit, definition, tokenizer.eos_token_id, dtype.name, metadata,  # noqa: E731
+                               unit_dir(entry, unit.index))
     if shard is not None:  # a capped domain is read only up to its cap, in order: by the first shard
         mine = [job(u) for u in planned if u.index % shard.count == shard.index] if cfg.max_documents is None else \
             [job(u) for u in planned] if shard.index == 0 else []
@@ -136,15 +137,17 @@ def _run(jobs: list[UnitJob], workers: int | None, source: str, cap: int | None)
     for position, job in enumerate(jobs):
         if not _needed(done, position, cap):
             break
-        for candidate in (job, _capped(job, done, position, cap)):  # the whole unit, or its first documents
-            found = read_unit(candidate.out)
+        capped = _capped(job, done, position, cap)
+        for candidate in dict.fromkeys((job.out, job.out if capped.limit is None else limited_dir(job.out, capped.limit))):
+            found = read_unit(candidate)  # the whole unit, or its first documents
             if found is not None:
-                done[position] = (candidate.out, found)
+                done[position] = (candidate, found)
                 break
     todo = [p for p in range(len(jobs)) if p not in done]
     n = min(workers or usable_cores(), len(todo))
-    if todo and os.environ.get("TOKENIZERS_PARALLELISM", "unset").lower() in _OFF:
-        log.warning("TOKENIZERS_PARALLELISM=%s: each worker tokenizes on one thread", os.environ["TOKENIZERS_PARALLELISM"])
+    if n == 1 and os.environ.get("TOKENIZERS_PARALLELISM", "unset").lower() in _OFF:
+        log.warning("TOKENIZERS_PARALLELISM=%s: tokenizing on one thread; unset it to use every core",
+                    os.environ["TOKENIZERS_PARALLELISM"])
     bar = tqdm(total=None if cap else sum(jobs[p].unit.size for p in todo) or None, unit="B", unit_scale=True, desc=source,
                disable=None if todo else True, dynamic_ncols=True)
     started = time.perf_counter()
@@ -152,8 +155,7 @@ def _run(jobs: list[UnitJob], workers: int | None, source: str, cap: int | None)
         if n <= 1:
             for position in todo:
                 if _needed(done, position, cap):
-                    job = _capped(jobs[position], done, position, cap)
-                    done[position] = (job.out, _report(bar, encode_unit(job)))
+                    done[position] = _report(bar, encode_unit(_capped(jobs[position], done, position, cap)))
         else:
             _pool(jobs, todo, done, n, cap, bar)
     finally:
@@ -172,8 +174,7 @@ def _capped(job: UnitJob, done: dict[int, tuple[Path, UnitStats]], position: int
     """The job reading only the documents still under ``cap``, when all units before it are known."""
     if cap is None or any(p not in done for p in range(position)):
         return job
-    left = cap - sum(done[p][1].n_documents for p in range(position))
-    return replace(job, limit=left, out=job.out.with_name(f"{job.out.name}-first{left}"))
+    return replace(job, limit=cap - sum(done[p][1].n_documents for p in range(position)))
 
 
 def _pool(jobs: list[UnitJob], todo: list[int], done: dict[int, tuple[Path, UnitStats]], n: int, cap: int | None,
@@ -186,22 +187,21 @@ def _pool(jobs: list[UnitJob], todo: list[int], done: dict[int, tuple[Path, Unit
     input) cannot survive. They touch no thread of the parent (torch's, the encoder's)."""
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     queue = list(todo)
-    running: dict[Future, tuple[int, Path]] = {}
+    running: dict[Future, int] = {}
     with ProcessPoolExecutor(n, mp_context=context, initializer=_init_worker) as pool:
         try:
             while queue or running:
                 while queue and len(running) < n and _needed(done, queue[0], cap) and _near(done, queue[0], cap, n):
                     position = queue.pop(0)
-                    job = _capped(jobs[position], done, position, cap)
-                    running[pool.submit(encode_unit, job)] = (position, job.out)
+                    running[pool.submit(encode_unit, _capped(jobs[position], done, position, cap))] = position
                 if not running:
                     break
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    position, out = running.pop(future)
-                    done[position] = (out, _report(bar, future.result()))
+                    result = future.result()
+                    done[running.pop(future)] = _report(bar, result)
         except BrokenProcessPool:
-            unit = min(position for position, _ in running.values()) if running else "?"
+            unit = min(running.values()) if running else "?"
             raise CptError(
                 f"a preparation worker died (killed, or out of memory?) while unit {unit} or a later one was being "
                 "tokenized; the finished units are kept and nothing was stitched: run it again to continue",
@@ -220,13 +220,14 @@ def _init_worker() -> None:
     os.environ["RAYON_NUM_THREADS"] = "1"
 
 
-def _report(bar: tqdm, stats: UnitStats) -> UnitStats:
+def _report(bar: tqdm, result: tuple[Path, UnitStats]) -> tuple[Path, UnitStats]:
     """Advance the bar by a finished unit's bytes; show the documents and tokens so far."""
+    stats = result[1]
     bar.documents = getattr(bar, "documents", 0) + stats.n_documents
     bar.tokens = getattr(bar, "tokens", 0) + stats.n_tokens
     bar.set_postfix_str(f"{bar.documents:,} documents, {bar.tokens:,} tokens", refresh=False)
     bar.update(stats.size)
-    return stats
+    return result
 
 
 def _needed(done: dict[int, tuple[Path, UnitStats]], position: int, cap: int | None) -> bool:

@@ -5,7 +5,8 @@ builtin documents or of whole files, byte ranges of a large JSON-lines file (cut
 start), runs of a parquet file's row groups, row ranges of a ``datasets`` dataset. The cut depends
 on the source alone, never on how many workers or machines prepare it, so every unit's tokens are
 the same whoever makes them, and the prepared cache is identical for every worker count. A
-streamed hub dataset has no known size: it is one unit, read once as it streams.
+streamed hub dataset has no known size: each of its shards (data files) is a unit, read once as
+it streams.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ UNIT_BYTES = 32 << 20
 class Part:
     """A contiguous piece of a source: items ``[start, end)`` of a builtin corpus, a whole file
     (``start``/``end`` None), bytes ``[start, end)`` of a JSON-lines file, row groups of a parquet
-    file or rows of a dataset."""
+    file, rows of a dataset, or shard ``start`` of ``end`` of a streamed one."""
 
     path: str  # the file; "" for builtin corpora and datasets
     start: int | None = None
@@ -45,8 +46,8 @@ def plan_units(cfg: DomainConfig) -> list[Unit]:
     unit_bytes = UNIT_BYTES
     kind = source_kind(cfg.source)
     if kind == "builtin":
-        sizes = [(Part("", i, i + 1), item.size) for i, item in enumerate(builtin.items(_corpus(cfg)))]
-        return [Unit(i, (part,), size) for i, (part, size) in enumerate(_merge_builtin(sizes, unit_bytes))]
+        sizes = [item.size for item in builtin.items(_corpus(cfg))]
+        return [Unit(i, (Part("", a, b),), total) for i, (a, b, total) in enumerate(runs(sizes, unit_bytes))]
     if kind == "hf":
         return _dataset_units(cfg, unit_bytes)
     pieces: list[tuple[Part, int]] = []
@@ -65,7 +66,7 @@ def unit_documents(cfg: DomainConfig, meta: MetadataConfig | None, unit: Unit) -
         if kind == "builtin":
             documents = _builtin_documents(cfg, part, natural)
         elif kind == "hf":
-            documents = hub.hf_documents(cfg, fields, rows=None if part.start is None else (part.start, part.end))
+            documents = hub.hf_documents(cfg, fields, share=None if part.start is None else (part.start, part.end))
         else:
             documents = _file_documents(cfg, meta, Path(part.path), part, natural)
         yield from (document for document in documents if document[0].strip())
@@ -101,16 +102,17 @@ def _builtin_documents(cfg: DomainConfig, part: Part, natural: bool) -> Iterator
             yield read[0], {"value": read[1]} if natural else {}
 
 
-def _merge_builtin(sizes: list[tuple[Part, int]], unit_bytes: int) -> list[tuple[Part, int]]:
-    """Consecutive builtin items as ranges of about ``unit_bytes``: one part per unit."""
-    merged: list[tuple[Part, int]] = []
-    for part, size in sizes:
-        if merged and merged[-1][1] < unit_bytes:
-            last, total = merged[-1]
-            merged[-1] = (Part("", last.start, part.end), total + size)
-        else:
-            merged.append((part, size))
-    return merged
+def runs(sizes: list[int], unit_bytes: int) -> list[tuple[int, int, int]]:
+    """Consecutive items as ``(first, end, bytes)`` runs of at least ``unit_bytes`` (the last may be
+    less); one empty run for no items."""
+    found: list[tuple[int, int, int]] = []
+    first = total = 0
+    for i, size in enumerate(sizes):
+        total += size
+        if total >= unit_bytes or i == len(sizes) - 1:
+            found.append((first, i + 1, total))
+            first, total = i + 1, 0
+    return found or [(0, 0, 0)]
 
 
 def _file_parts(path: Path, unit_bytes: int) -> list[tuple[Part, int]]:
@@ -118,33 +120,26 @@ def _file_parts(path: Path, unit_bytes: int) -> list[tuple[Part, int]]:
     the whole file otherwise (a text file is one document; gzip cannot be entered midway)."""
     size = path.stat().st_size
     kind = files.file_format(path)
-    if kind == "jsonl" and not path.name.lower().endswith(".gz") and size > unit_bytes:
-        return [(Part(str(path), a, min(a + unit_bytes, size)), min(unit_bytes, size - a)) for a in range(0, size, unit_bytes)]
+    if kind == "jsonl" and not path.name.lower().endswith(".gz"):  # read as bytes, whatever its size
+        return [(Part(str(path), a, min(a + unit_bytes, size)), min(unit_bytes, size - a))
+                for a in range(0, max(size, 1), unit_bytes)]
     if kind == "parquet":
-        return files.parquet_parts(path, unit_bytes)
+        return [(Part(str(path), a, b), total) for a, b, total in runs(files.row_group_sizes(path), unit_bytes)]
     return [(Part(str(path)), size)]
 
 
 def _group(pieces: list[tuple[Part, int]], unit_bytes: int) -> list[Unit]:
     """Consecutive parts into units of about ``unit_bytes`` (small files travel together)."""
-    units: list[Unit] = []
-    parts: list[Part] = []
-    total = 0
-    for part, size in pieces:
-        parts.append(part)
-        total += size
-        if total >= unit_bytes:
-            units.append(Unit(len(units), tuple(parts), total))
-            parts, total = [], 0
-    if parts or not units:
-        units.append(Unit(len(units), tuple(parts), total))
-    return units
+    return [Unit(i, tuple(part for part, _ in pieces[a:b]), total)
+            for i, (a, b, total) in enumerate(runs([size for _, size in pieces], unit_bytes))]
 
 
 def _dataset_units(cfg: DomainConfig, unit_bytes: int) -> list[Unit]:
-    """A stream is one unit; a prepared dataset is cut into row ranges of about ``unit_bytes``."""
+    """A stream is cut into its shards (data files; the size of each is unknown until read); a
+    prepared dataset into row ranges of about ``unit_bytes``."""
     if cfg.hf is not None and cfg.hf.streaming:
-        return [Unit(0, (Part(""),), 0)]
+        count = hub.stream_shards(cfg)
+        return [Unit(i, (Part("", i, count),), 0) for i in range(count)]
     rows, nbytes = hub.dataset_size(cfg)
     per_unit = max(1, rows * unit_bytes // max(nbytes, 1))
     return [

@@ -2,7 +2,7 @@
 
 Every domain of the recipe is measured, not only the ones a stage trains on, because forgetting
 shows on the domains a stage does *not* target. The held-out split of a domain is disjoint from
-its training split at the document level (see :mod:`cpt.data.splits`), packed like training
+its training split at the document level (see :mod:`cpt.data.selection`), packed like training
 data, and capped to a fixed number of leading blocks so every evaluation reads the same tokens.
 """
 

@@ -71,8 +71,8 @@ def metadata_share() -> float:
     from cpt.plan import plan_recipe
 
     (plan,) = plan_recipe(load_recipe(ROOT / "recipes" / "meco.yaml"))
-    masks = [plan.blocks[d].loss_mask for d in plan.conditioned()]
-    return sum(int((m == 0).sum()) for m in masks) / sum(m.size for m in masks)
+    stats = [plan.blocks[d].stats for d in plan.conditioned()]
+    return sum(s.n_masked for s in stats) / sum(s.n_blocks * s.seq_len for s in stats)
 
 
 def summary(run: Path, stage: str) -> dict:
