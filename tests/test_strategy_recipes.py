@@ -172,6 +172,11 @@ def _long_context(plan, recipe):
     lengths = [s.seq_len for s in recipe.stages]
     assert lengths == sorted(set(lengths)) and len(lengths) > 1
     assert len({s["tokens"] // s["steps"] for s in plan.values()}) == 1  # same tokens per step
+    first, *longer = [s.model.overrides for s in recipe.stages]
+    assert first.rope_theta == 500000.0 and first.rope_scaling is None  # ABF (Xiong et al.): base 10,000 -> 500,000
+    assert all(o.rope_theta is None and o.rope_scaling is None for o in longer)  # later stages keep the base
+    assert all(o.max_position_embeddings >= s.seq_len for o, s in zip([first, *longer], recipe.stages))
+    assert all(s.continues for s in recipe.stages[1:])
 
 
 def _seven_b(plan, recipe):

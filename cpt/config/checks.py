@@ -25,9 +25,9 @@ def check_recipe(recipe: Recipe, *, check_files: bool = True) -> list[CptError]:
         if stage.name in seen:
             errors.append(CptError(f"duplicate stage name {stage.name!r}", f"stages.{index}.name"))
         seen.add(stage.name)
-        if index == 0 and stage.model is None:
+        if index == 0 and stage.continues:
             errors.append(CptError("the first stage needs a model (an HF dir, a hub id or {config: ...})", f"{where}.model"))
-        if index == 0 and stage.tokenizer is None and (stage.model is None or stage.model.path is None):
+        elif index == 0 and stage.tokenizer is None and stage.model.path is None:
             errors.append(CptError("a model built from a config needs a tokenizer (a path or {train: ...})", f"{where}.tokenizer"))
         redefined = sorted(set(stage.data) & known)
         if redefined:

@@ -18,6 +18,7 @@ from pydantic import AfterValidator, Field, model_validator
 from cpt.config.data import DomainConfig
 from cpt.config.evaluation import EvaluationConfig
 from cpt.config.mixture import MixtureConfig
+from cpt.config.overrides import ModelOverrides
 from cpt.config.schedule import ScheduleConfig
 from cpt.config.schema import Strict
 from cpt.config.tokenizer import TokenizerConfig
@@ -38,7 +39,8 @@ Name = Annotated[str, AfterValidator(_check_name)]
 
 
 class ModelConfig(Strict):
-    """Where a stage's starting weights come from: an HF directory / hub id, or a fresh config."""
+    """Where a stage's starting weights come from: an HF directory / hub id, a fresh config, or (with
+    only overrides) the previous stage's final weights; and config fields to override on them."""
 
     path: str | None = Field(
         default=None,
@@ -49,6 +51,12 @@ class ModelConfig(Strict):
         description="A transformers model config (needs model_type) to build freshly initialised weights from, "
         "seeded by seed plus the stage's index; vocab_size defaults to the tokenizer's size.",
     )
+    overrides: ModelOverrides | None = Field(
+        default=None,
+        description="Config fields set before the weights load and kept in the stage's export (long-context CPT: "
+        "RoPE base, RoPE scaling, context length). Given without path and config, the stage continues from the "
+        "previous stage's final weights with them.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -57,8 +65,10 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelConfig:
-        if (self.path is None) == (self.config is None):
+        if self.path is not None and self.config is not None:
             raise ValueError("give exactly one of a path / hub id or {config: {...}}")
+        if self.path is None and self.config is None and self.overrides is None:
+            raise ValueError("give a path / hub id, {config: {...}}, or overrides for the previous stage's weights")
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("config needs a model_type (e.g. llama, gpt2, qwen2)")
         return self
@@ -99,7 +109,8 @@ class Stage(Strict):
     )
     model: ModelConfig | None = Field(
         default=None,
-        description="Starting weights; null: the previous stage's final weights (the first stage must give one).",
+        description="Starting weights and config overrides; null: the previous stage's final weights "
+        "(the first stage must give a path or config).",
     )
     trust_remote_code: bool = Field(
         default=False,
@@ -187,6 +198,11 @@ class Stage(Strict):
                 f"batch.micro_batch_size {self.batch.micro_batch_size}"
             )
         return self
+
+    @property
+    def continues(self) -> bool:
+        """Whether the stage starts from the previous stage's final weights."""
+        return self.model is None or (self.model.path is None and self.model.config is None)
 
     @property
     def tokens_per_step(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,8 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from cpt.config.overrides import ModelOverrides
 
 
 def model_config(model: str | dict[str, Any], *, trust_remote_code: bool = False) -> PretrainedConfig:
@@ -38,6 +41,45 @@ def model_config(model: str | dict[str, Any], *, trust_remote_code: bool = False
         raise CptError(f"cannot load {model}: {first_line(e)}", where="model") from e
 
 
+def with_overrides(config: PretrainedConfig, overrides: ModelOverrides, where: str) -> PretrainedConfig:
+    """A copy of ``config`` with a stage's overrides, checked by transformers' own RoPE validation.
+
+    transformers 5 keeps every RoPE setting in ``config.rope_parameters`` (``rope_theta`` and
+    ``rope_type`` with the type's keys), which the rotary embedding reads when it is built: so the
+    overrides go there, before the weights load. A new scaling replaces the model's own one but
+    keeps its base (and partial rotary factor); a new base keeps the model's scaling.
+    """
+    config = copy.deepcopy(config)
+    if overrides.rope_theta is not None or overrides.rope_scaling is not None:
+        config.rope_parameters = _rope_parameters(config, overrides, where)
+    if overrides.max_position_embeddings is not None:
+        if not hasattr(config, "max_position_embeddings"):
+            raise CptError(f"{config.model_type} has no max_position_embeddings", where)
+        config.max_position_embeddings = overrides.max_position_embeddings
+    try:
+        config.validate_rope()
+    except (KeyError, ValueError, TypeError) as e:  # what transformers raises for a RoPE block it refuses
+        raise CptError(f"transformers refuses the RoPE settings: {first_line(e)}", where) from e
+    return config
+
+
+def _rope_parameters(config: PretrainedConfig, overrides: ModelOverrides, where: str) -> dict[str, Any]:
+    current = getattr(config, "rope_parameters", None)
+    if not isinstance(current, dict) or not current:
+        raise CptError(f"{config.model_type} has no rotary position embedding (RoPE) settings to override", where)
+    per_layer = config.nested_rope_parameter_keys(current)
+    if per_layer:
+        raise CptError(f"{config.model_type} sets RoPE per layer type ({', '.join(per_layer)}); "
+                       "overrides set one for all layers and cannot express that", where)
+    params = dict(current)
+    if overrides.rope_scaling is not None:
+        kept = {k: params[k] for k in ("rope_theta", "partial_rotary_factor") if k in params}
+        params = {**kept, **overrides.rope_scaling.rope_parameters()}
+    if overrides.rope_theta is not None:
+        params["rope_theta"] = overrides.rope_theta
+    return params
+
+
 def _local(model: str) -> Path | None:
     try:
         return local_dir(model, "model")
@@ -47,9 +89,12 @@ def _local(model: str) -> Path | None:
 
 def build_model(
     model: str | dict[str, Any], *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-    partitioned: bool = False,
+    partitioned: bool = False, config: PretrainedConfig | None = None,
 ) -> PreTrainedModel:
     """Load ``model`` (a local directory or hub id) or build it fresh from ``{"config": {...}}``, in ``dtype``.
+
+    ``config``: the architecture to build instead of ``model``'s own (it with overrides,
+    :func:`with_overrides`); the weights still come from ``model``.
 
     A fresh model is initialised from torch's global generator: seed it identically on every
     rank. ``partitioned``: build it as ZeRO-3 partitions (DeepSpeed's ``zero.Init``; the caller
@@ -59,7 +104,8 @@ def build_model(
     """
     from transformers import AutoModelForCausalLM
 
-    config = model_config(model, trust_remote_code=trust_remote_code)
+    if config is None:
+        config = model_config(model, trust_remote_code=trust_remote_code)
     if isinstance(model, dict):
         try:
             built = _fresh(config, dtype, trust_remote_code, partitioned)
@@ -70,7 +116,8 @@ def build_model(
     built = _load_partitioned(local, config, dtype, trust_remote_code) if partitioned and local else None
     if built is None:  # transformers' own loading (under ZeRO-3: rank 0 reads the checkpoint and scatters it)
         try:
-            built = AutoModelForCausalLM.from_pretrained(str(local or model), trust_remote_code=trust_remote_code, dtype=dtype)
+            built = AutoModelForCausalLM.from_pretrained(str(local or model), config=config,
+                                                         trust_remote_code=trust_remote_code, dtype=dtype)
         except Exception as e:  # transformers reports a missing or broken checkpoint with many exception types
             raise CptError(f"cannot load {model}: {first_line(e)}", where="model") from e
     return built.train()

@@ -52,6 +52,7 @@ from cpt.train.model import (
     model_config,
     resize_for_tokenizer,
     set_attention,
+    with_overrides,
 )
 from cpt.train.prefetch import Prefetcher
 from cpt.train.progress import Progress
@@ -123,7 +124,7 @@ def train(recipe: Recipe, plans: list[StagePlan], opts: RunOptions) -> int:
         start_model: str | dict | None = None
         for index, plan in enumerate(plans):
             stage = plan.stage
-            if stage.model is not None:
+            if not stage.continues:
                 start_model = stage.model.path or {"config": stage.model.config}
             elif isinstance(start_model, str):
                 check_tokenizer_matches(start_model, plan.tokenizer, f"stages.{stage.name}.tokenizer")
@@ -249,12 +250,16 @@ def _stage_engine(recipe: Recipe, plan: StagePlan, index: int, start_model) -> S
     if isinstance(start_model, dict):  # a model from scratch is sized for its tokenizer unless told otherwise
         start_model = {"config": {"vocab_size": len(plan.tokenizer), **start_model["config"]}}
     micro, grad_accum = stage.batch.micro_batch_size, per_rank // stage.batch.micro_batch_size
-    hidden = getattr(model_config(start_model, trust_remote_code=stage.trust_remote_code), "hidden_size", None)
+    architecture = model_config(start_model, trust_remote_code=stage.trust_remote_code)
+    if stage.model is not None and stage.model.overrides is not None:
+        architecture = with_overrides(architecture, stage.model.overrides, f"stages.{stage.name}.model.overrides")
+    hidden = getattr(architecture, "hidden_size", None)
     config = ds_config(recipe.distributed, stage.optimizer, micro, grad_accum, hidden_size=hidden)
     torch.manual_seed(recipe.seed + index)  # identical fresh weights on every rank
     dtype = torch.bfloat16 if recipe.distributed.precision == "bf16" else torch.float32
     with partitioned_building(config) as partitioned:  # ZeRO-3: no rank ever holds the whole model
-        model = build_model(start_model, trust_remote_code=stage.trust_remote_code, dtype=dtype, partitioned=partitioned)
+        model = build_model(start_model, trust_remote_code=stage.trust_remote_code, dtype=dtype,
+                            partitioned=partitioned, config=architecture)
         resize_for_tokenizer(model, plan.tokenizer)
     set_attention(model, stage.attn_implementation, f"stages.{stage.name}.attn_implementation",
                   asked="attn_implementation" in stage.model_fields_set)
