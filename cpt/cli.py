@@ -159,7 +159,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from cpt.config.load import load_recipe
-    from cpt.plan import plan_recipe, write_plan_png
+    from cpt.plan import plan_recipe, vocabulary_report, write_plan_png
     from cpt.prepare import builtin_builds, builtin_lines
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -168,12 +168,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plans = plan_recipe(recipe)
     if args.png:
         write_plan_png(plans, args.png)
+    vocabularies = [vocabulary_report(recipe, p) for p in plans]
     if args.json:
-        print(json.dumps({"stages": [p.to_json() for p in plans], "builtin": builtin_builds(recipe)}))
+        stages = [p.to_json() | ({"vocabulary": v} if v else {}) for p, v in zip(plans, vocabularies)]
+        print(json.dumps({"stages": stages, "builtin": builtin_builds(recipe)}))
         return 0
     for line in builtin_lines(recipe):
         print(f"data {line}")
-    for plan in plans:
+    for plan, vocabulary in zip(plans, vocabularies):
         stage = plan.stage
         print(
             f"stage {plan.name}: {plan.steps:,} steps x {stage.batch.global_batch_size} sequences x "
@@ -192,9 +194,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   "(plain text)")
         if stage.document_masking:
             print(f"  document masking: on ({stage.attn_implementation})")
+        if vocabulary:
+            _print_vocabulary(vocabulary)
     if args.png:
         print(f"wrote {args.png}")
     return 0
+
+
+def _print_vocabulary(vocabulary: dict) -> None:
+    """The extended vocabulary's sizes and its compression gain per domain (base / extended tokens)."""
+    print(f"  vocabulary: {vocabulary['base_size']:,} + {vocabulary['added']:,} new tokens = {vocabulary['size']:,} "
+          f"(init {vocabulary['init']})")
+    print(f"  {'domain':<16}{'base tokens/doc':>18}{'extended tokens/doc':>22}{'gain':>8}")
+    for domain, c in vocabulary["compression"].items():
+        print(f"  {domain:<16}{c['base']:>18,.1f}{c['extended']:>22,.1f}{c['gain']:>8.3f}")
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

@@ -69,7 +69,7 @@ def walk_model(model: type[BaseModel], prefix: str = "", variant: str = "") -> I
     """Sections of ``model`` and of every model nested in it, depth first in declaration order."""
     rows, nested = [], []
     for name, field in model.model_fields.items():
-        path = f"{prefix}{name}"
+        path = f"{prefix}{field.alias or name}"  # as recipes write it: `from`, not `from_`
         rows.append(FieldRow(path, type_text(field.annotation, field.metadata), default_text(field),
                              field.description or field_comment(model, name) or MISSING))
         nested.extend(_nested(field.annotation, path, field.discriminator))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from itertools import zip_longest
+from itertools import islice, zip_longest
 from pathlib import Path
 from typing import Iterator
 
@@ -18,10 +18,11 @@ import numpy as np
 from transformers import PreTrainedTokenizerFast
 
 from cpt.config.recipe import Recipe, Stage
+from cpt.data.extension import RECORD, Extension, compression, extend_tokenizer, learn_merges, read_extension
 from cpt.data.mixture import cap_epochs, metadata_steps, planned_blocks, weight_matrix
 from cpt.data.pack import Packed, load_packed
 from cpt.data.sources import fingerprint, iter_documents
-from cpt.data.tokenizer import load_tokenizer, train_tokenizer
+from cpt.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 from cpt.errors import CptError
 from cpt.io import write_with
 from cpt.train.schedules import lr_curve
@@ -38,6 +39,7 @@ class StagePlan:
     lr: np.ndarray  # (steps,)
     metadata: np.ndarray  # (steps,) bool: domains with metadata are trained with it (MeCo)
     alternate: dict[str, Packed]  # domains trained both with and without metadata: the other variant
+    extension: Extension | None = None  # the tokenizer extends its base's vocabulary: the model grows to match
 
     def read(self, step: int, domain: str, draws: np.ndarray) -> tuple[Packed, np.ndarray]:
         """The packed split that step ``step`` reads ``domain``'s drawn blocks from, and their indices there.
@@ -97,8 +99,9 @@ def plan_recipe(recipe: Recipe, workers: int | None = None) -> list[StagePlan]:
     plans: list[StagePlan] = []
     tokenizer: PreTrainedTokenizerFast | None = None
     for stage in recipe.stages:
-        tokenizer = stage_tokenizer(recipe, stage, tokenizer)
+        tokenizer, extension = stage_vocabulary(recipe, stage, tokenizer)
         plans.append(plan_stage(recipe, stage, tokenizer, plans[-1] if plans else None, workers))
+        plans[-1].extension = extension
     return plans
 
 
@@ -161,6 +164,25 @@ def recipe_domains_until(recipe: Recipe, stage: Stage) -> dict:
 
 
 def stage_tokenizer(recipe: Recipe, stage: Stage, previous: PreTrainedTokenizerFast | None) -> PreTrainedTokenizerFast:
+    """The stage's tokenizer, extended with new tokens where it asks (:func:`stage_vocabulary`)."""
+    return stage_vocabulary(recipe, stage, previous)[0]
+
+
+def stage_vocabulary(
+    recipe: Recipe, stage: Stage, previous: PreTrainedTokenizerFast | None
+) -> tuple[PreTrainedTokenizerFast, Extension | None]:
+    """The stage's tokenizer and, when it extends its base with new tokens, what the model must add."""
+    base = _base_tokenizer(recipe, stage, previous)
+    spec = stage.tokenizer
+    if spec is None or spec.extend is None:
+        return base, None
+    try:
+        return extended_tokenizer(recipe, stage, base)
+    except CptError as exc:
+        raise CptError(exc.message, f"stages.{stage.name}.tokenizer.extend") from None
+
+
+def _base_tokenizer(recipe: Recipe, stage: Stage, previous: PreTrainedTokenizerFast | None) -> PreTrainedTokenizerFast:
     """The stage's own tokenizer, else its starting model's, else the previous stage's."""
     where = f"stages.{stage.name}.tokenizer"
     spec = stage.tokenizer
@@ -189,6 +211,45 @@ def trained_tokenizer(recipe: Recipe, spec) -> PreTrainedTokenizerFast:
     if (out / "tokenizer.json").is_file():
         return load_tokenizer(str(out))
     return train_tokenizer(spec, _round_robin(iter_documents(d, "train", recipe.seed) for d in domains.values()), out)
+
+
+def extended_tokenizer(
+    recipe: Recipe, stage: Stage, base: PreTrainedTokenizerFast
+) -> tuple[PreTrainedTokenizerFast, Extension]:
+    """``base`` with the stage's new tokens, learned (once, then cached) on its ``extend.from`` domains.
+
+    The cache key is what the tokens depend on: the base, the options that choose them (not
+    ``init``, which only the model uses) and the documents of the named domains.
+    """
+    spec = stage.tokenizer.extend
+    known = recipe_domains_until(recipe, stage)
+    domains = {name: known[name] for name in spec.from_}
+    key_src = json.dumps(
+        {"base": tokenizer_fingerprint(base), "spec": spec.model_dump(mode="json", exclude={"init"}),
+         "domains": {n: fingerprint(d, recipe.seed) for n, d in domains.items()}},
+        sort_keys=True,
+    )
+    out = recipe.resolved_cache_dir() / "tokenizers" / hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    if not (out / RECORD).is_file():
+        documents = islice(_round_robin(iter_documents(d, "train", recipe.seed) for d in domains.values()),
+                           spec.max_documents)
+        extend_tokenizer(base, learn_merges(base, documents, spec.add, spec.min_frequency), out)
+    return load_tokenizer(str(out)), read_extension(base, out, spec.init)
+
+
+def vocabulary_report(recipe: Recipe, plan: StagePlan, sample: int = 200) -> dict | None:
+    """An extended vocabulary's sizes and, per domain of the stage, the compression its new tokens
+    give on the first ``sample`` training documents; None when the stage extends nothing."""
+    extension = plan.extension
+    if extension is None:
+        return None
+    known = recipe_domains_until(recipe, plan.stage)
+    gains = {}
+    for d in plan.domains:
+        documents = list(islice(iter_documents(known[d], "train", recipe.seed), sample))
+        gains[d] = compression(extension.base, plan.tokenizer, documents)
+    return {"base_size": len(extension.base), "size": len(plan.tokenizer), "added": len(extension.ids),
+            "init": extension.init, "compression": gains}
 
 
 def _round_robin(iterators) -> Iterator[str]:

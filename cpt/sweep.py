@@ -135,7 +135,10 @@ def pin_tokenizers(raw: dict[str, Any], recipe: Recipe, where: Path) -> bool:
         if not (target / "tokenizer.json").is_file():
             with staged_dir(target) as staging:
                 trained_tokenizer(recipe, stage.tokenizer.train).save_pretrained(staging)
+        extend = stage.tokenizer.extend  # extended from the pinned base, as from the trained one
         mapping["tokenizer"] = {"path": str(target.resolve())}
+        if extend is not None:
+            mapping["tokenizer"]["extend"] = extend.model_dump(mode="json")
         pinned = True
     return pinned
 

@@ -77,7 +77,7 @@ def _models_in(tp) -> list[tuple[type[BaseModel], str]]:
 def _paths(model: type[BaseModel], prefix: str = "") -> set[str]:
     paths = set()
     for name, field in model.model_fields.items():
-        path = prefix + name
+        path = prefix + (field.alias or name)  # as recipes write it (`from`)
         paths.add(path)
         for nested, suffix in _models_in(field.annotation):
             paths |= _paths(nested, f"{path}{suffix}.")

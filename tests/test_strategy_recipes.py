@@ -166,6 +166,9 @@ def _language(plan, recipe):
     assert min(weights["english"]) >= 0.2 - 1e-9  # English replay throughout
     assert weights["german"] == sorted(weights["german"])  # the curriculum only raises the new language
     assert recipe.stage("german").ema is not None
+    vocabulary = plan["german"]["vocabulary"]  # German tokens added to the English vocabulary
+    assert vocabulary["added"] == recipe.stage("german").tokenizer.extend.add
+    assert vocabulary["compression"]["german"]["gain"] > 1
 
 
 def _long_context(plan, recipe):

@@ -42,6 +42,11 @@ def check_recipe(recipe: Recipe, *, check_files: bool = True) -> list[CptError]:
         if unknown:
             errors.append(CptError(f"unknown domain {unknown[0]!r}; known domains: {', '.join(sorted(known))}",
                                    f"{where}.evaluation.targets"))
+        extend = stage.tokenizer.extend if stage.tokenizer is not None else None
+        unknown = [d for d in extend.from_ if d not in known] if extend is not None else []
+        if unknown:
+            errors.append(CptError(f"unknown domain {unknown[0]!r}; known domains: {', '.join(sorted(known))}",
+                                   f"{where}.tokenizer.extend.from"))
         for task in stage.evaluation.harness.tasks:
             problem = task_problem(task, recipe.domains())
             if problem:

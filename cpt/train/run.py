@@ -55,6 +55,7 @@ from cpt.train.model import (
     with_overrides,
 )
 from cpt.train.prefetch import Prefetcher
+from cpt.train.vocabulary import grow_embeddings
 from cpt.train.progress import Progress
 from cpt.train.schedules import lr_at
 from cpt.train.step_log import StepLog
@@ -127,7 +128,8 @@ def train(recipe: Recipe, plans: list[StagePlan], opts: RunOptions) -> int:
             if not stage.continues:
                 start_model = stage.model.path or {"config": stage.model.config}
             elif isinstance(start_model, str):
-                check_tokenizer_matches(start_model, plan.tokenizer, f"stages.{stage.name}.tokenizer")
+                base = plan.extension.base if plan.extension is not None else plan.tokenizer  # what it was trained with
+                check_tokenizer_matches(start_model, base, f"stages.{stage.name}.tokenizer")
             stage_dir = opts.output_dir / stage.name
             final = stage_dir / "final"
             if not (final / "config.json").is_file():
@@ -260,6 +262,8 @@ def _stage_engine(recipe: Recipe, plan: StagePlan, index: int, start_model) -> S
     with partitioned_building(config) as partitioned:  # ZeRO-3: no rank ever holds the whole model
         model = build_model(start_model, trust_remote_code=stage.trust_remote_code, dtype=dtype,
                             partitioned=partitioned, config=architecture)
+        if plan.extension is not None:
+            grow_embeddings(model, plan.extension)
         resize_for_tokenizer(model, plan.tokenizer)
     set_attention(model, stage.attn_implementation, f"stages.{stage.name}.attn_implementation",
                   asked="attn_implementation" in stage.model_fields_set)
