@@ -21,7 +21,7 @@ import numpy as np
 
 from cpt.config.data import DomainConfig
 from cpt.data.encode import STARTS
-from cpt.data.parallel import domain_entry, prepare, read_index, token_dtype
+from cpt.data.parallel import domain_entry, prepare, read_index
 from cpt.data.sources import Split, fingerprint, metadata_fingerprint
 from cpt.data.stream import Blocks, Stream
 from cpt.data.tokenizer import tokenizer_fingerprint
@@ -30,7 +30,7 @@ from cpt.errors import CptError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-__all__ = ["BlockStats", "Packed", "block_stats", "cache_path", "load_blocks", "load_packed", "token_dtype"]
+__all__ = ["BlockStats", "Packed", "block_stats", "cache_path", "load_blocks", "load_packed"]
 
 
 @dataclass(frozen=True)
