@@ -7,6 +7,7 @@ written, so a bad path costs the user one line and no half-made output.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from cpt.errors import CptError
@@ -61,3 +62,19 @@ def local_dir(name: str, where: str) -> Path | None:
     if local.is_absolute() or name.startswith("."):
         raise CptError(f"{name}: no such directory", where)
     return None
+
+
+def gguf_path(name: str, file: str, where: str) -> str:
+    """What transformers' ``gguf_file=`` gets for the GGUF file ``file`` of ``name`` (a local directory or
+    hub id), checked before anything loads: the gguf package that reads it must be installed, and a local
+    directory must hold the file. A local file goes by its absolute path, because transformers looks a
+    bare name up in the working directory before the model's."""
+    if importlib.util.find_spec("gguf") is None:
+        raise CptError(f"{name}: reading {file} needs the gguf package (pip install gguf)", where)
+    local = local_dir(name, where)
+    if local is None:
+        return file
+    path = local / file
+    if not path.is_file():
+        raise CptError(f"{name}: no file {file}", where)
+    return str(path.resolve())

@@ -185,14 +185,16 @@ def stage_vocabulary(
 def _base_tokenizer(recipe: Recipe, stage: Stage, previous: PreTrainedTokenizerFast | None) -> PreTrainedTokenizerFast:
     """The stage's own tokenizer, else its starting model's, else the previous stage's."""
     where = f"stages.{stage.name}.tokenizer"
-    spec = stage.tokenizer
+    spec, model = stage.tokenizer, stage.model
     try:
         if spec is not None and spec.path is not None:
-            return load_tokenizer(spec.path)
+            where += ".gguf_file" if spec.gguf_file else ""
+            return load_tokenizer(spec.path, gguf_file=spec.gguf_file)
         if spec is not None and spec.train is not None:
             return trained_tokenizer(recipe, spec.train)
-        if stage.model is not None and stage.model.path is not None:
-            return load_tokenizer(stage.model.path)
+        if model is not None and model.path is not None:
+            where = f"stages.{stage.name}.model.gguf_file" if model.gguf_file else where  # the model's own file
+            return load_tokenizer(model.path, gguf_file=model.gguf_file)
     except CptError as exc:
         raise CptError(exc.message, where) from None
     if previous is None:

@@ -12,7 +12,7 @@ from cpt.config.schedule import validate_schedule
 from cpt.data.mixture import weight_matrix
 from cpt.data.sources import check_domain
 from cpt.errors import CptError
-from cpt.paths import local_dir
+from cpt.paths import gguf_path, local_dir
 
 
 def check_recipe(recipe: Recipe, *, check_files: bool = True) -> list[CptError]:
@@ -81,26 +81,29 @@ def _file_problems(stage: Stage, where: str) -> list[CptError]:
             check_domain(domain)
         except CptError as exc:
             errors.append(CptError(exc.message, f"{where}.data.{name}.{exc.where or 'source'}"))
-    for field, path in (("model", stage.model and stage.model.path), ("tokenizer", stage.tokenizer and stage.tokenizer.path)):
+    for field, spec in (("model", stage.model), ("tokenizer", stage.tokenizer)):
+        path = spec and spec.path
         if path is None:
             continue
         try:
             local = local_dir(path, f"{where}.{field}")
+            if spec.gguf_file is not None:
+                gguf_path(path, spec.gguf_file, f"{where}.{field}.gguf_file")
         except CptError as exc:
             errors.append(exc)
             continue
-        if local is None and os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(path):
+        files = (spec.gguf_file,) if spec.gguf_file else ("config.json", "tokenizer_config.json", "tokenizer.json")
+        if local is None and os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(path, files):
             errors.append(CptError(f"{path} is not a local directory, not in the Hugging Face cache, and the hub "
                                    "is not reachable (HF_HUB_OFFLINE=1)", f"{where}.{field}"))
     return errors
 
 
-def _in_hub_cache(repo_id: str) -> bool:
-    """Whether a hub id was downloaded before: offline, transformers loads it from the cache."""
+def _in_hub_cache(repo_id: str, files: tuple[str, ...]) -> bool:
+    """Whether a hub id was downloaded before (any of ``files``): offline, transformers loads it from the cache."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        return any(isinstance(try_to_load_from_cache(repo_id, name), str)
-                   for name in ("config.json", "tokenizer_config.json", "tokenizer.json"))
+        return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in files)
     except ValueError:  # not a valid repo id
         return False

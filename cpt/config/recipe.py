@@ -46,6 +46,13 @@ class ModelConfig(Strict):
         default=None,
         description="A Hugging Face model directory or hub id to load the weights from; give this or config.",
     )
+    gguf_file: str | None = Field(
+        default=None,
+        description="A GGUF file (llama.cpp's format, often quantised) in path to load the config, the weights and, "
+        "unless the stage names a tokenizer, the tokenizer from; transformers dequantises the weights to the training "
+        "precision. Needs the gguf package. Under ZeRO-3 every process reads the whole file before the weights are "
+        "partitioned.",
+    )
     config: dict[str, Any] | None = Field(
         default=None,
         description="A transformers model config (needs model_type) to build freshly initialised weights from, "
@@ -69,6 +76,8 @@ class ModelConfig(Strict):
             raise ValueError("give exactly one of a path / hub id or {config: {...}}")
         if self.path is None and self.config is None and self.overrides is None:
             raise ValueError("give a path / hub id, {config: {...}}, or overrides for the previous stage's weights")
+        if self.gguf_file is not None and self.path is None:
+            raise ValueError("gguf_file names a file in path: give it with a path / hub id")
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("config needs a model_type (e.g. llama, gpt2, qwen2)")
         return self

@@ -60,6 +60,11 @@ class TokenizerConfig(Strict):
         description="A tokenizer directory or hub id; it must be fast and have an end-of-sequence token. "
         "Give this or train.",
     )
+    gguf_file: str | None = Field(
+        default=None,
+        description="Read the tokenizer from this GGUF file in path (needs the gguf package) instead of "
+        "tokenizer files.",
+    )
     train: TrainTokenizerConfig | None = Field(
         default=None,
         description="Train a byte-level BPE tokenizer on the training documents of every domain of the recipe "
@@ -83,4 +88,6 @@ class TokenizerConfig(Strict):
         if given > 1 or (given == 0 and self.extend is None):
             raise ValueError("give exactly one of path (an existing tokenizer) or train (options to train one); "
                              "with extend, neither extends the starting model's or the previous stage's tokenizer")
+        if self.gguf_file is not None and self.path is None:
+            raise ValueError("gguf_file names a file in path: give it with a path / hub id")
         return self

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from cpt.config.tokenizer import TrainTokenizerConfig
 from cpt.errors import CptError, first_line
 from cpt.io import library_io_errors, staged_dir
-from cpt.paths import local_dir
+from cpt.paths import gguf_path, local_dir
 
 if TYPE_CHECKING:  # transformers imports torch: seconds that validating a recipe should not pay
     from transformers import PreTrainedTokenizerFast
@@ -23,19 +23,22 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
-    """Load a fast tokenizer that can mark document ends, which packing relies on."""
+def load_tokenizer(path: str, trust_remote_code: bool = False, gguf_file: str | None = None) -> PreTrainedTokenizerFast:
+    """Load a fast tokenizer that can mark document ends, which packing relies on; from the GGUF file
+    ``gguf_file`` of ``path`` when given."""
     from transformers import AutoTokenizer
 
     try:
         local = local_dir(path, "tokenizer")
+        gguf = {"gguf_file": gguf_path(path, gguf_file, "tokenizer")} if gguf_file else {}
     except CptError as exc:
         raise CptError(f"cannot load tokenizer from {exc.message}", "tokenizer") from None
     try:
         source = str(local or path)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
     except Exception as e:  # transformers signals a bad or missing tokenizer with many exception types
-        raise CptError(f"cannot load tokenizer from {path}: {first_line(e)}", where="tokenizer") from e
+        named = f"{path} ({gguf_file})" if gguf_file else path
+        raise CptError(f"cannot load tokenizer from {named}: {first_line(e)}", where="tokenizer") from e
     if not getattr(tokenizer, "is_fast", False):
         raise CptError(f"cannot load tokenizer from {path}: it has no fast (Rust) backend", where="tokenizer")
     if tokenizer.eos_token_id is None:

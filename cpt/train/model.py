@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cpt.errors import CptError, first_line
-from cpt.paths import local_dir
+from cpt.paths import gguf_path, local_dir
 from cpt.train.partitioned import load_partitions, match_names, read_index, safetensors_files
 
 log = logging.getLogger(__name__)
@@ -21,8 +21,11 @@ if TYPE_CHECKING:
     from cpt.config.overrides import ModelOverrides
 
 
-def model_config(model: str | dict[str, Any], *, trust_remote_code: bool = False) -> PretrainedConfig:
-    """The architecture of ``model`` (a local directory, hub id or ``{"config": {...}}``), without its weights."""
+def model_config(
+    model: str | dict[str, Any], *, trust_remote_code: bool = False, gguf_file: str | None = None
+) -> PretrainedConfig:
+    """The architecture of ``model`` (a local directory, hub id or ``{"config": {...}}``), without its weights;
+    read from the GGUF file ``gguf_file`` of ``model`` when given."""
     from transformers import AutoConfig
 
     if isinstance(model, dict):
@@ -34,11 +37,12 @@ def model_config(model: str | dict[str, Any], *, trust_remote_code: bool = False
         except (ValueError, TypeError, KeyError) as e:
             raise CptError(f"cannot build a causal LM from this config: {first_line(e)}", where="model.config") from e
     try:
-        return AutoConfig.from_pretrained(str(_local(model) or model), trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(str(_local(model) or model), trust_remote_code=trust_remote_code,
+                                          **_gguf(model, gguf_file))
     except CptError:
         raise
     except Exception as e:  # transformers reports a missing or broken checkpoint with many exception types
-        raise CptError(f"cannot load {model}: {first_line(e)}", where="model") from e
+        raise _load_error(model, gguf_file, e) from e
 
 
 def with_overrides(config: PretrainedConfig, overrides: ModelOverrides, where: str) -> PretrainedConfig:
@@ -87,9 +91,42 @@ def _local(model: str) -> Path | None:
         raise CptError(f"cannot load {exc.message}", "model") from None
 
 
+def _gguf(model: str, gguf_file: str | None) -> dict[str, str]:
+    """transformers' keyword arguments that read ``model``'s GGUF file ``gguf_file``; none without one."""
+    if gguf_file is None:
+        return {}
+    try:
+        return {"gguf_file": gguf_path(model, gguf_file, "model.gguf_file")}
+    except CptError as exc:
+        raise CptError(f"cannot load {exc.message}", exc.where) from None
+
+
+def _gguf_weights(model: str, gguf_file: str | None) -> dict[str, Any]:
+    """:func:`_gguf`'s arguments for the weights, which must come dequantised: transformers would
+    otherwise keep them in GGUF blocks (not trainable) wherever it has a kernel for them."""
+    from transformers import GgufConfig
+
+    gguf = _gguf(model, gguf_file)
+    return {**gguf, "quantization_config": GgufConfig(dequantize=True)} if gguf else {}
+
+
+def _drop_gguf_record(model: PreTrainedModel) -> None:
+    """Forget that a dequantised model came from GGUF, so that it trains and exports as any other: an
+    export that kept the loader's record (``quantization_config``) would be read back through it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+
+
+def _load_error(model: str, gguf_file: str | None, error: Exception) -> CptError:
+    if gguf_file is None:
+        return CptError(f"cannot load {model}: {first_line(error)}", "model")
+    return CptError(f"cannot load {gguf_file} of {model}: {first_line(error)}", "model.gguf_file")
+
+
 def build_model(
     model: str | dict[str, Any], *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-    partitioned: bool = False, config: PretrainedConfig | None = None,
+    partitioned: bool = False, config: PretrainedConfig | None = None, gguf_file: str | None = None,
 ) -> PreTrainedModel:
     """Load ``model`` (a local directory or hub id) or build it fresh from ``{"config": {...}}``, in ``dtype``.
 
@@ -100,26 +137,31 @@ def build_model(
     rank. ``partitioned``: build it as ZeRO-3 partitions (DeepSpeed's ``zero.Init``; the caller
     keeps a ``transformers.integrations.HfDeepSpeedConfig`` of the ZeRO-3 config alive), and
     read each rank's part of a local safetensors checkpoint only (:mod:`cpt.train.partitioned`).
-    The model is returned in training mode.
+    ``gguf_file``: read the weights from this GGUF file of ``model``, dequantised to ``dtype`` by
+    transformers; it builds such models whole even under ZeRO-3 (outside ``zero.Init``), and
+    DeepSpeed partitions them when the engine starts. The model is returned in training mode.
     """
     from transformers import AutoModelForCausalLM
 
     if config is None:
-        config = model_config(model, trust_remote_code=trust_remote_code)
+        config = model_config(model, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     if isinstance(model, dict):
         try:
             built = _fresh(config, dtype, trust_remote_code, partitioned)
         except (ValueError, TypeError, KeyError) as e:
             raise CptError(f"cannot build a causal LM from this config: {first_line(e)}", where="model.config") from e
         return built.train()
-    local = _local(model)
-    built = _load_partitioned(local, config, dtype, trust_remote_code) if partitioned and local else None
+    local, gguf = _local(model), _gguf_weights(model, gguf_file)
+    own_reads = partitioned and local and not gguf  # a GGUF file is not safetensors
+    built = _load_partitioned(local, config, dtype, trust_remote_code) if own_reads else None
     if built is None:  # transformers' own loading (under ZeRO-3: rank 0 reads the checkpoint and scatters it)
         try:
             built = AutoModelForCausalLM.from_pretrained(str(local or model), config=config,
-                                                         trust_remote_code=trust_remote_code, dtype=dtype)
+                                                         trust_remote_code=trust_remote_code, dtype=dtype, **gguf)
         except Exception as e:  # transformers reports a missing or broken checkpoint with many exception types
-            raise CptError(f"cannot load {model}: {first_line(e)}", where="model") from e
+            raise _load_error(model, gguf_file, e) from e
+        if gguf:
+            _drop_gguf_record(built)
     return built.train()
 
 

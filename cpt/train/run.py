@@ -252,7 +252,12 @@ def _stage_engine(recipe: Recipe, plan: StagePlan, index: int, start_model) -> S
     if isinstance(start_model, dict):  # a model from scratch is sized for its tokenizer unless told otherwise
         start_model = {"config": {"vocab_size": len(plan.tokenizer), **start_model["config"]}}
     micro, grad_accum = stage.batch.micro_batch_size, per_rank // stage.batch.micro_batch_size
-    architecture = model_config(start_model, trust_remote_code=stage.trust_remote_code)
+    own = not stage.continues and start_model == stage.model.path  # not a fork's checkpoint config
+    gguf = stage.model.gguf_file if own else None
+    try:
+        architecture = model_config(start_model, trust_remote_code=stage.trust_remote_code, gguf_file=gguf)
+    except CptError as exc:
+        raise CptError(exc.message, f"stages.{stage.name}.{exc.where}") from None
     if stage.model is not None and stage.model.overrides is not None:
         architecture = with_overrides(architecture, stage.model.overrides, f"stages.{stage.name}.model.overrides")
     hidden = getattr(architecture, "hidden_size", None)
@@ -260,8 +265,11 @@ def _stage_engine(recipe: Recipe, plan: StagePlan, index: int, start_model) -> S
     torch.manual_seed(recipe.seed + index)  # identical fresh weights on every rank
     dtype = torch.bfloat16 if recipe.distributed.precision == "bf16" else torch.float32
     with partitioned_building(config) as partitioned:  # ZeRO-3: no rank ever holds the whole model
-        model = build_model(start_model, trust_remote_code=stage.trust_remote_code, dtype=dtype,
-                            partitioned=partitioned, config=architecture)
+        try:
+            model = build_model(start_model, trust_remote_code=stage.trust_remote_code, dtype=dtype,
+                                partitioned=partitioned, config=architecture, gguf_file=gguf)
+        except CptError as exc:
+            raise CptError(exc.message, f"stages.{stage.name}.{exc.where}") from None
         if plan.extension is not None:
             grow_embeddings(model, plan.extension)
         resize_for_tokenizer(model, plan.tokenizer)
