@@ -211,6 +211,14 @@ def _full_out(root: Path, models: dict[str, Path]) -> None:
     (root / "out" / "keep.txt").write_text("mine")
 
 
+def _long_context(root: Path, models: dict[str, Path]) -> None:
+    """b after a long-context stage: the same tensors under another RoPE base."""
+    shutil.copytree(models["b"], root / "long")
+    config = json.loads((root / "long" / "config.json").read_text())
+    rope = dict(config.get("rope_parameters") or {}) | {"rope_theta": 500000.0}
+    (root / "long" / "config.json").write_text(json.dumps(config | {"rope_parameters": rope}))
+
+
 def _truncated(root: Path, models: dict[str, Path]) -> None:
     """b with its weights file cut short: found at its last tensor, while the output is being written."""
     shutil.copytree(models["b"], root / "cut")
@@ -235,6 +243,8 @@ ERRORS = {
     "zero-3 checkpoint": ("linear {root}/z3 {a} --alpha 0.5", "run `cpt export ", _zero3),
     "full output": ("linear {a} {b} --alpha 0.5", "already exists and is not empty; pass --overwrite", _full_out),
     "output is an input": ("linear {a} {b} --alpha 0.5 --overwrite --out {a}", "would replace the input", None),
+    "output inside an input": ("linear {a} {b} --alpha 0.5 --overwrite --out {a}/sub", "would replace the input", None),
+    "rope base": ("linear {a} {root}/long --alpha 0.5", "different rope_parameters: ", _long_context),
 }
 
 

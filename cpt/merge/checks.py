@@ -20,7 +20,20 @@ def check_compatible(sources: Sequence[Source]) -> None:
     for other in sources[1:]:
         _same_architecture(first, other)
         _same_vocabulary(first, other)
+        _same_positions(first, other)
         _same_tensors(first, other)
+
+
+# Config fields that change what the weights compute without changing any tensor's shape: the
+# output copies the first input's config, so they must agree (a long-context stage's RoPE base).
+_SAME_MEANING = ("rope_parameters", "rope_theta", "rope_scaling", "max_position_embeddings", "tie_word_embeddings")
+
+
+def _same_positions(a: Source, b: Source) -> None:
+    for field in _SAME_MEANING:
+        if a.config.get(field) != b.config.get(field):
+            raise CptError(f"different {field}: {a.config.get(field)!r} in {a.name}, {b.config.get(field)!r} in "
+                           f"{b.name}; the merged model would keep only the first", WHERE)
 
 
 def _same_architecture(a: Source, b: Source) -> None:

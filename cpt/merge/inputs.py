@@ -103,6 +103,8 @@ class Checkpoint(Source):
     def __init__(self, name: str, path: Path):
         super().__init__(name, path / "hf", {})
         meta = read_meta(path)
+        if not {"zero_stage", "tag"} <= meta.keys():
+            raise CptError("not a complete cpt checkpoint: its marker names no ZeRO stage or tag", name)
         if meta["zero_stage"] == 3:
             raise CptError(f"a ZeRO-3 checkpoint holds its weights in partitions; run `cpt export {name} DIR` "
                            "and merge DIR", name)
@@ -120,6 +122,8 @@ class Checkpoint(Source):
             states = torch.load(self._file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError...: all unreadable
             raise CptError(f"cannot read {self._file.name}: {first_line(exc)}", self.name) from None
+        if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+            raise CptError(f"{self._file.name} holds no model weights (no 'module')", self.name)
         self._module, self._mapped_reads = states["module"], 0
         return self._module
 

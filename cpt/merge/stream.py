@@ -52,12 +52,12 @@ def merge_models(
 
 
 def check_output(out: Path, sources: Sequence[Source], overwrite: bool) -> None:
-    """``out`` may be new or empty; a full one only with ``overwrite``, and never an input or above one."""
+    """``out`` may be new or empty; a full one only with ``overwrite``, and never an input, above one or inside one."""
     check_output_dir(out)
     target = out.resolve()
     for source in sources:
         path = Path(source.name).expanduser().resolve()
-        if path == target or target in path.parents:
+        if path == target or target in path.parents or path in target.parents:
             raise CptError(f"would replace the input {source.name}; choose another output directory", str(out))
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CptError("already exists and is not empty; pass --overwrite to replace it", str(out))
