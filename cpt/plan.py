@@ -241,14 +241,17 @@ def extended_tokenizer(
 
 def vocabulary_report(recipe: Recipe, plan: StagePlan, sample: int = 200) -> dict | None:
     """An extended vocabulary's sizes and, per domain of the stage, the compression its new tokens
-    give on the first ``sample`` training documents; None when the stage extends nothing."""
+    give on up to ``sample`` held-out documents (the new merges were learned on training text, where
+    the gain would be overstated; a domain without held-out documents is measured on training
+    text); None when the stage extends nothing."""
     extension = plan.extension
     if extension is None:
         return None
     known = recipe_domains_until(recipe, plan.stage)
     gains = {}
     for d in plan.domains:
-        documents = list(islice(iter_documents(known[d], "train", recipe.seed), sample))
+        split = "heldout" if known[d].heldout else "train"
+        documents = list(islice(iter_documents(known[d], split, recipe.seed), sample))
         gains[d] = compression(extension.base, plan.tokenizer, documents)
     return {"base_size": len(extension.base), "size": len(plan.tokenizer), "added": len(extension.ids),
             "init": extension.init, "compression": gains}

@@ -127,7 +127,9 @@ def train(recipe: Recipe, plans: list[StagePlan], opts: RunOptions) -> int:
             stage = plan.stage
             if not stage.continues:
                 start_model = stage.model.path or {"config": stage.model.config}
-            elif isinstance(start_model, str):
+            # A continued model, or one about to get new rows, must have been trained with the tokenizer
+            # the stage starts from: an already-extended model would have its learned rows reset.
+            if isinstance(start_model, str) and (stage.continues or plan.extension is not None):
                 base = plan.extension.base if plan.extension is not None else plan.tokenizer  # what it was trained with
                 check_tokenizer_matches(start_model, base, f"stages.{stage.name}.tokenizer")
             stage_dir = opts.output_dir / stage.name
