@@ -105,7 +105,23 @@ def section(summaries: dict[float, dict], stage: dict, minutes: float, commands:
             f"{d['prose']['base_loss']:.4f} → {d['prose']['final_loss']:.4f} | "
             f"{d['code']['base_loss']:.4f} → {d['code']['final_loss']:.4f} | {s['train_tokens_per_s']:.0f} |"
         )
-    return "\n".join([*lines, "", "Commands:", "", "```", *commands, "```", ""])
+    return "\n".join([*lines, "", reading(summaries), "", "Commands:", "", "```", *commands, "```", ""])
+
+
+def reading(summaries: dict[float, dict]) -> str:
+    """What the two runs show, in words that follow their signs."""
+    none, some = summaries[0.0], summaries[max(summaries)]
+    replay = (f"Replay cut the forgetting from {none['forgetting']:+.4f} to {some['forgetting']:+.4f}."
+              if some["forgetting"] < none["forgetting"] else
+              f"Replay did not cut the forgetting here ({none['forgetting']:+.4f} without, {some['forgetting']:+.4f} with).")
+    if max(none["adaptation"], some["adaptation"]) <= 0:
+        code = ("Neither run has lowered the code loss yet: 20 steps at this learning rate are inside the "
+                "stability gap (Guo et al. 2024), the early rise of loss on old and new data alike when a "
+                "well-trained model starts continued pre-training, before it adapts; a longer run (or a lower "
+                "peak lr) is needed to see adaptation, which a 2-core CPU cannot give in half an hour.")
+    else:
+        code = "Both runs lowered the code loss."
+    return f"{replay} {code}"
 
 
 def main() -> None:
