@@ -14,6 +14,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 # the tiny models gain nothing from intra-op threads, and two workers x two ranks would oversubscribe 2 cores
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# a child process that crashes or aborts prints each thread's Python stack into the stderr the tests show
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 import pytest  # noqa: E402
 from filelock import FileLock  # noqa: E402
