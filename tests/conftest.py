@@ -38,6 +38,15 @@ def _private_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _deepspeed_ops():
+    """Build DeepSpeed's just-in-time ops before any test runs: built by the first test that needs them,
+    they can take minutes on a busy 2-core machine, past the time limits that tests set on runs."""
+    script = Path(__file__).parent / "scripts" / "load_ops.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 TINY_RECIPE = """
 name: tiny
 seed: 0

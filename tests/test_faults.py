@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from cpt.train.metrics import read_metrics, reproducible, train_records
 
+SCRIPTS = Path(__file__).parent / "scripts"
+
 pytestmark = pytest.mark.slow
 
 RECIPE = """
@@ -196,3 +198,25 @@ def test_a_really_full_disk(reference, tmp_path):
         assert_same(outcome(out), expected)
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_process_killed_while_loading_deepspeed_ops_does_not_stall_the_next(tmp_path):
+    """PyTorch loads a just-in-time built op under a lock file that a process killed meanwhile leaves
+    behind, and would make every later run wait for it forever: the next cpt process removes it."""
+    from cpt.train.engine import import_deepspeed
+    from cpt.train.ops import CPU_ADAM, SHARED_MEMORY_COMM, loading_ops, op_directories
+
+    import_deepspeed()
+    ops = (SHARED_MEMORY_COMM, CPU_ADAM)
+    stale = [d / "lock" for d in op_directories(*ops)]
+    assert len(stale) == 2
+    with loading_ops(*ops):  # no cpt process loads an op meanwhile: these are what a killed one leaves
+        for lock in stale:
+            lock.touch()
+    try:
+        proc = subprocess.run([sys.executable, str(SCRIPTS / "load_ops.py")], capture_output=True, text=True, timeout=600)
+    finally:
+        for lock in stale:
+            lock.unlink(missing_ok=True)
+    assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-3000:]
+    assert all(f"removing {lock}" in proc.stderr for lock in stale)
