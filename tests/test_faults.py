@@ -204,13 +204,13 @@ def test_a_process_killed_while_loading_deepspeed_ops_does_not_stall_the_next(tm
     """PyTorch loads a just-in-time built op under a lock file that a process killed meanwhile leaves
     behind, and would make every later run wait for it forever: the next cpt process removes it."""
     from cpt.train.engine import import_deepspeed
-    from cpt.train.ops import CPU_ADAM, SHARED_MEMORY_COMM, loading_ops, op_directories
+    from cpt.train.ops import CPU_ADAM, SHARED_MEMORY_COMM, op_directories, op_lock
 
     import_deepspeed()
-    ops = (SHARED_MEMORY_COMM, CPU_ADAM)
-    stale = [d / "lock" for d in op_directories(*ops)]
+    directories = op_directories(SHARED_MEMORY_COMM, CPU_ADAM)
+    stale = [d / "lock" for d in directories]
     assert len(stale) == 2
-    with loading_ops(*ops):  # no cpt process loads an op meanwhile: these are what a killed one leaves
+    with op_lock(directories):  # no cpt process loads an op meanwhile: these are what a killed one leaves
         for lock in stale:
             lock.touch()
     try:

@@ -31,7 +31,7 @@ from cpt.data.blocks import TokenBatch
 from cpt.errors import CptError
 from cpt.train.head import ChunkedHead, causal_lm_loss
 from cpt.train.loss import IGNORE_INDEX
-from cpt.train.ops import CPU_ADAM, SHARED_MEMORY_COMM, loading_ops
+from cpt.train.ops import CPU_ADAM, SHARED_MEMORY_COMM, load_ops
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -107,8 +107,8 @@ def init_distributed() -> None:
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it unconditionally
         backend = deepspeed.get_accelerator().communication_backend_name()
         torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
-    with loading_ops(SHARED_MEMORY_COMM):
-        deepspeed.init_distributed()
+    load_ops(SHARED_MEMORY_COMM)
+    deepspeed.init_distributed()
 
 
 def _leave_process_group() -> None:
@@ -240,8 +240,8 @@ def _optimizer(model: torch.nn.Module, opt: OptimizerConfig, offload: bool) -> t
     if offload:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorized Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        with loading_ops(CPU_ADAM):
-            return type("SkippableCPUAdam", (_Skippable, DeepSpeedCPUAdam), {})(groups, adamw_mode=True, **kwargs)
+        load_ops(CPU_ADAM)
+        return type("SkippableCPUAdam", (_Skippable, DeepSpeedCPUAdam), {})(groups, adamw_mode=True, **kwargs)
     return type("SkippableAdamW", (_Skippable, torch.optim.AdamW), {})(groups, **kwargs)
 
 
