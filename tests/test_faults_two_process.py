@@ -3,7 +3,9 @@ checkpoint resumed on one process (issue 11, items 10 and 11). The one-process f
 recipe and helpers these share, are in test_faults.py."""
 
 import json
+import socket
 import time
+from pathlib import Path
 
 import pytest
 from test_faults import assert_same, chaos, cpt, outcome, write_recipe
@@ -51,11 +53,17 @@ def test_chaos_two_process_zero3(zero3_reference, tmp_path):
 
 def test_a_two_process_run_resumes_on_one(zero2_reference, tmp_path):
     """Killed after a checkpoint of two processes, resumed on one (DeepSpeed's universal checkpoint):
-    the same data in the same order, and the losses within 1e-5 of the uninterrupted run."""
+    the same data in the same order, and the losses within 1e-5 of the uninterrupted run. The killed
+    run leaves no shared memory behind (DeepSpeed's CPU allreduce buffers, named by the master port)."""
     recipe, expected, _ = zero2_reference
     out = tmp_path / "run"
-    killed = cpt("run", recipe, "--output-dir", out, env={"CPT_FAULT": "checkpoint.renamed@2:kill"}, check=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    killed = cpt("run", recipe, "--output-dir", out, "--set", f"distributed.master_port={port}",
+                 env={"CPT_FAULT": "checkpoint.renamed@2:kill"}, check=False)
     assert killed.returncode != 0 and (out / "s" / "checkpoints" / "step-4" / "cpt_checkpoint.json").is_file()
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     cpt("run", recipe, "--output-dir", out, "--resume", "--set", "distributed.num_processes=1")
     assert (out / "s" / "checkpoints" / "step-4" / "universal").is_dir()
     records, expected_records = outcome(out)[0], expected[0]

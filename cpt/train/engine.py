@@ -31,7 +31,7 @@ from cpt.data.blocks import TokenBatch
 from cpt.errors import CptError
 from cpt.train.head import ChunkedHead, causal_lm_loss
 from cpt.train.loss import IGNORE_INDEX
-from cpt.train.ops import CPU_ADAM, SHARED_MEMORY_COMM, load_ops
+from cpt.train.ops import CPU_ADAM, SHARED_MEMORY_COMM, load_ops, unlink_shared_memory
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -109,6 +109,7 @@ def init_distributed() -> None:
         torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     load_ops(SHARED_MEMORY_COMM)
     deepspeed.init_distributed()
+    unlink_shared_memory()
 
 
 def _leave_process_group() -> None:

@@ -8,11 +8,17 @@ load on that machine sleeps forever waiting for it to go. cpt loads ops while ho
 lock of its own, which the kernel releases when its holder dies: whoever holds it knows that a
 PyTorch lock file still present belongs to a dead process, and removes it. The ops it loads stay
 in DeepSpeed's per-process cache, so DeepSpeed's own later loads never touch the lock file again.
+
+The shared-memory op maps a named buffer per rank (about 69 MB of RAM in /dev/shm) when every rank
+runs on one machine; a killed run would leave the names, and their memory, until the machine
+reboots. Once every rank has mapped every buffer, the names go: the memory stays mapped while the
+run lives and returns to the system when its last process exits, however it exits.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from filelock import FileLock
@@ -51,6 +57,21 @@ def load_ops(*builders: str) -> None:
                 stale.unlink(missing_ok=True)
         for op in ops:
             op.load()
+
+
+def unlink_shared_memory() -> None:
+    """Remove the name of this rank's shared-memory buffer once every rank has mapped them all.
+    Collective: every rank calls it right after ``deepspeed.init_distributed``."""
+    import deepspeed
+    import torch
+
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    # DeepSpeed maps the buffers when LOCAL_SIZE (set by its launcher) equals the world size (shm_interface.cpp)
+    if deepspeed.get_accelerator().device_name() != "cpu" or os.environ.get("LOCAL_SIZE") != str(world_size):
+        return
+    torch.distributed.barrier()  # a rank gets here only after opening the others' buffers
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}").unlink(missing_ok=True)
 
 
 def _builders(names: tuple[str, ...]) -> list:
