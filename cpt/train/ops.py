@@ -21,7 +21,10 @@ import logging
 import os
 from pathlib import Path
 
+import torch
 from filelock import FileLock
+
+from cpt import dist
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +66,12 @@ def unlink_shared_memory() -> None:
     """Remove the name of this rank's shared-memory buffer once every rank has mapped them all.
     Collective: every rank calls it right after ``deepspeed.init_distributed``."""
     import deepspeed
-    import torch
 
-    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world_size = torch.distributed.get_rank(), dist.world_size()
     # DeepSpeed maps the buffers when LOCAL_SIZE (set by its launcher) equals the world size (shm_interface.cpp)
     if deepspeed.get_accelerator().device_name() != "cpu" or os.environ.get("LOCAL_SIZE") != str(world_size):
         return
-    torch.distributed.barrier()  # a rank gets here only after opening the others' buffers
+    dist.barrier()  # a rank gets here only after opening the others' buffers
     address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}").unlink(missing_ok=True)
 
