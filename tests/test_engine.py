@@ -314,7 +314,7 @@ def test_other_launchers_run_zero3_on_two_processes(tokenizer, tmp_path, launche
     }[launcher]
     cmd = [sys.executable, "-m", *start, "-m", "ds_driver", str(tmp_path), str(tok_dir), "z3-fp32"]
     proc = subprocess.run(cmd, env={**_driver_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, tiny.failure(proc.stderr)
     _assert_sound("z3-fp32", json.loads((tmp_path / "results.json").read_text())["z3-fp32"])
 
 

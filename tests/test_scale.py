@@ -155,7 +155,7 @@ def test_zero3_load_never_holds_the_whole_model_on_a_rank(tmp_path):
          "D(num_processes=2), module='load_probe'))"],
         env=_env(PYTHONPATH=os.pathsep.join([str(BENCHMARKS), str(BENCHMARKS.parent)])), capture_output=True, text=True, timeout=300,
     )
-    assert code.returncode == 0, code.stderr[-3000:]
+    assert code.returncode == 0, tiny.failure(code.stderr)
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["equal"]
     for r in ranks:

@@ -43,3 +43,10 @@ def blocks(tokenizer, n: int, seq_len: int = 32, offset: int = 0) -> torch.Tenso
     ids = tokenizer(corpus(), return_tensors="pt").input_ids[0]
     start = offset * seq_len
     return ids[start : start + n * seq_len].view(n, seq_len).clone()
+
+
+def failure(stderr: str, limit: int = 3000) -> str:
+    """What to show of a failed child's stderr: the Python fault handler's report where it crashed
+    (each thread's stack; the report ends in a long list of extension modules), else the end."""
+    start = stderr.find("Fatal Python error")
+    return stderr[start:start + limit] if start >= 0 else stderr[-limit:]
