@@ -68,6 +68,8 @@ def main(out: Path, tok_dir: Path, names: list[str]) -> None:
         client_state = load(resumed_trainer, out / name / "ckpt" / "step-4")
         resumed = [resumed_trainer.train_step(batch, t).loss for t in (4, 5)]
         again = gather_state_dict(resumed_trainer)
+        for done in (trainer, resumed_trainer):  # as a run closes each stage's engine
+            done.close()
         if ctx.rank == 0:
             results[name] = {
                 "world_size": trainer.world_size,
